@@ -1,0 +1,213 @@
+"""The bundle: the one contract between the export half and the runtime half.
+
+A bundle is a folder holding ``model.onnx`` (+ ``model.onnx.data``), the tokenizer, generation defaults, a
+``genai_config.json`` (so onnxruntime-genai runs the same folder) and our manifest ``edgeqwen.json``. The
+manifest records everything the runtime needs to drive the graph without reading it (I/O names, KV layout,
+context length), where it came from (source + sha256, profile, tool versions) and the sha256 of every file,
+checked on load so a truncated copy to an SD card fails loudly instead of producing garbage.
+
+Standard library only: the runtime on a board imports this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+MANIFEST = "edgeqwen.json"
+FORMAT = "edgeqwen-bundle"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelSpec:
+    """Shape facts of the graph that the decode loop needs."""
+
+    arch: str  # qwen2 | qwen3
+    num_layers: int
+    num_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int  # what this bundle was built and verified for (<= model's max positions)
+    max_position_embeddings: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+
+
+@dataclass
+class GraphIO:
+    """Names and conventions of the ONNX graph's inputs and outputs."""
+
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str | None = None  # the fast (GQA) graph derives positions from the mask
+    past_key: str = "past_key_values.%d.key"
+    past_value: str = "past_key_values.%d.value"
+    present_key: str = "present.%d.key"
+    present_value: str = "present.%d.value"
+    logits: str = "logits"
+    kv_layout: str = "batch,kv_heads,seq,head_dim"
+    shared_kv_buffer: bool = True  # GQA: past and present may be one buffer, written in place
+    logits_last_only: bool = True  # the lm_head is pruned to the last position
+    io_dtype: str = "float32"  # float32 | float16
+
+
+@dataclass
+class Manifest:
+    format: str
+    format_version: int
+    name: str
+    backend: str  # fast | portable
+    precision: str  # int4 | int8 | fp16 | fp32
+    spec: ModelSpec
+    io: GraphIO
+    profile: dict[str, Any]
+    source: dict[str, Any]
+    quantization: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {sha256, size}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        try:
+            d = dict(d)
+            d["spec"] = ModelSpec(**d["spec"])
+            d["io"] = GraphIO(**d["io"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"The bundle manifest is malformed ({e}).",
+                              "re-export the bundle with this edgeqwen version.") from e
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every regular file except the manifest itself."""
+    table = {}
+    for p in sorted(Path(folder).iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            table[p.name] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return table
+
+
+def is_bundle(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path | str) -> Manifest:
+    folder = Path(folder)
+    if not folder.exists():
+        raise BundleError(f"Bundle folder {folder} does not exist.",
+                          "pass the folder written by `edgeqwen export ... -o FOLDER`.")
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{folder} is not an edgeqwen bundle (no {MANIFEST}).",
+                          "pass the folder written by `edgeqwen export`, or export one first.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BundleError(f"{path} is unreadable or not JSON ({e}).", "re-export or re-copy the bundle.") from e
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{path} is not an edgeqwen manifest (format={data.get('format')!r}).",
+                          "re-export the bundle.")
+    if data.get("format_version", 0) > FORMAT_VERSION:
+        raise BundleError(
+            f"The bundle uses format version {data.get('format_version')}, newer than this edgeqwen "
+            f"understands ({FORMAT_VERSION}).", "upgrade edgeqwen: pip install -U edgeqwen.")
+    return Manifest.from_dict(data)
+
+
+def verify_files(folder: Path | str, manifest: Manifest, *, checksums: bool = True) -> None:
+    """Check presence and size of every listed file, and (by default) its sha256."""
+    folder = Path(folder)
+    for name, info in manifest.files.items():
+        p = folder / name
+        if not p.is_file():
+            raise BundleError(f"Bundle file {name} is missing from {folder}.",
+                              "copy the whole bundle folder again, or re-export it.")
+        size = p.stat().st_size
+        if size != info["size"]:
+            raise BundleError(f"Bundle file {name} has {size} bytes, the manifest says {info['size']} "
+                              "(truncated or modified copy).", "copy the bundle folder again, or re-export it.")
+        if checksums and sha256_file(p) != info["sha256"]:
+            raise BundleError(f"Bundle file {name} is damaged: its sha256 does not match the manifest.",
+                              "copy the bundle folder again, or re-export it.")
+
+
+def load_bundle(folder: Path | str, *, verify: bool = True) -> Manifest:
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest, checksums=verify)
+    return manifest
+
+
+class AtomicFolder:
+    """Write a folder under a temporary name beside its target and rename it into place only at the end.
+
+    Refuses to replace an existing folder that is not a bundle, and replaces a bundle only with ``force``,
+    so a typo in ``-o`` never deletes someone's work and an interrupted export never leaves half a bundle.
+    """
+
+    def __init__(self, target: Path | str, *, force: bool = False):
+        self.target = Path(target).resolve()
+        self.force = force
+        self.tmp: Path | None = None
+
+    def check_target(self) -> None:
+        t = self.target
+        if t.exists():
+            if t.is_file():
+                raise BundleError(f"Output path {t} is a file.", "choose a folder path for -o.")
+            if any(t.iterdir()):
+                if not is_bundle(t):
+                    raise BundleError(f"Output folder {t} exists and is not an edgeqwen bundle; refusing to "
+                                      "overwrite it.", "choose an empty or new folder for -o.")
+                if not self.force:
+                    raise BundleError(f"Output folder {t} already holds a bundle.",
+                                      "pass --force to replace it, or choose another -o folder.")
+
+    def __enter__(self) -> Path:
+        self.check_target()
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Fill the file table from what is on disk, then write the manifest last."""
+    manifest.files = file_table(folder)
+    (Path(folder) / MANIFEST).write_text(manifest.to_json(), encoding="utf-8")

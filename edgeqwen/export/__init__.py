@@ -1,0 +1,253 @@
+"""``export(model, device, out)``: source model -> float ONNX graph -> quantized graph -> verified bundle.
+
+Each stage has its own module (sources, graph, quantize, verify); this one sequences them, applies the
+device profile, and writes the bundle atomically: everything lands in a temporary folder beside ``out`` and
+is renamed into place only after verification passed, so ``out`` never holds half a bundle or one that
+failed its check.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import __version__
+from ..bundle import FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, ModelSpec, write_manifest
+from ..errors import ExportError, VerificationError
+from ..profiles import Profile, check_memory_budget, kv_cache_bytes, load_profile
+
+__all__ = ["export", "ExportResult"]
+
+BITS_PER_WEIGHT = {"int4": 5.2, "int8": 9.3, "fp16": 16.0, "fp32": 32.0}
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    manifest: Manifest
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        size = sum(f["size"] for f in m.files.values())
+        return {"bundle": str(self.bundle), "name": m.name, "precision": m.precision, "backend": m.backend,
+                "profile": m.profile.get("name"), "context": m.spec.context_length,
+                "size_mb": round(size / 2**20, 1), "quantization": m.quantization.get("summary"),
+                "verification": m.verification, "timings_s": {k: round(v, 1) for k, v in self.timings.items()}}
+
+
+class _Stages:
+    """Prints one line per stage with its elapsed time (rich when available, plain text otherwise)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total, self.n = enabled, total, 0
+        self.timings: dict[str, float] = {}
+        try:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+        except ImportError:  # pragma: no cover
+            self.console = None
+
+    def _print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.console is not None:
+            self.console.print(text, highlight=False)
+        else:
+            print(text, flush=True)
+
+    @contextmanager
+    def stage(self, key: str, title: str) -> Iterator[None]:
+        self.n += 1
+        self._print(f"[bold cyan][{self.n}/{self.total}][/] {title} …" if self.console else f"[{self.n}] {title}")
+        t0 = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - t0
+        self._print(f"      done in {self.timings[key]:.1f}s")
+
+    def bar(self, iterable, desc: str, unit: str = "it"):
+        if not self.enabled:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=f"      {desc}", unit=unit, leave=False)
+
+
+def _tool_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"edgeqwen": __version__}
+    for pkg in ("onnxruntime", "onnx", "onnxruntime-genai", "transformers", "torch", "gguf"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def model_spec(config: dict, context: int, generation: dict) -> ModelSpec:
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    return ModelSpec(arch=config["model_type"], num_layers=config["num_hidden_layers"], num_heads=heads,
+                     kv_heads=config.get("num_key_value_heads", heads), head_dim=head_dim,
+                     hidden_size=config["hidden_size"], vocab_size=config["vocab_size"], context_length=context,
+                     max_position_embeddings=config.get("max_position_embeddings", context),
+                     bos_token_id=config.get("bos_token_id"), eos_token_ids=eos_ids,
+                     pad_token_id=config.get("pad_token_id"))
+
+
+def estimate_weight_bytes(config: dict, precision: str) -> int:
+    from .sources import estimate_parameters
+
+    return int(estimate_parameters(config) * BITS_PER_WEIGHT[precision] / 8)
+
+
+def _copy_tokenizer_files(hf_dir: Path, dest: Path) -> None:
+    for name in ("tokenizer.json", "generation_config.json", "chat_template.jinja"):
+        if (hf_dir / name).is_file():
+            shutil.copy2(hf_dir / name, dest / name)
+    if not (dest / "tokenizer.json").is_file():
+        raise ExportError(f"The source {hf_dir} has no tokenizer.json (a fast tokenizer).",
+                          "convert the tokenizer with transformers (AutoTokenizer(...).save_pretrained) first.")
+    tok_cfg = json.loads((hf_dir / "tokenizer_config.json").read_text()) if (
+        hf_dir / "tokenizer_config.json").is_file() else {}
+    if "chat_template" not in tok_cfg and (hf_dir / "chat_template.jinja").is_file():
+        tok_cfg["chat_template"] = (hf_dir / "chat_template.jinja").read_text()  # older readers look here
+    (dest / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+
+
+def resolve_profile(device: str | Profile, **overrides: Any) -> Profile:
+    if isinstance(device, Profile):
+        from ..profiles import with_overrides
+
+        return with_overrides(device, **overrides)
+    return load_profile(device, **overrides)
+
+
+def export(model: str, device: str | Profile = "host", out: str | Path = "bundle", *, precision: str | None = None,
+           quant_algo: str | None = None, block_size: int | None = None, context: int | None = None,
+           gguf_mode: str | None = None, force: bool = False, verify: bool = True, progress: bool = True,
+           threads: int | None = None) -> ExportResult:
+    """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``."""
+    from .graph import adjust_genai_config, build_fast_graph
+    from .sources import resolve_source
+
+    profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
+                              context=context, gguf_mode=gguf_mode)
+    target = AtomicFolder(out, force=force)
+    target.check_target()  # fail on a bad -o before any heavy work
+    if profile.backend != "fast":
+        raise ExportError(f"Profile {profile.name!r} asks for the portable (standard-op) backend, which this "
+                          "version does not build yet.", "use a fast-backend profile (host, rpi5, x86-avx2, "
+                          "cuda, ...) — see `edgeqwen devices`.")
+    stages = _Stages(progress, total=5 if verify else 4)
+
+    with stages.stage("source", f"Resolving model source {model!r}"):
+        src = resolve_source(model, progress=progress)
+        ctx = min(profile.context, src.config.get("max_position_embeddings", profile.context))
+        spec_kv = kv_cache_bytes(src.config["num_hidden_layers"], src.config.get("num_key_value_heads", 1),
+                                 src.config.get("head_dim") or src.config["hidden_size"] //
+                                 src.config["num_attention_heads"], ctx, 2 if profile.io_dtype == "fp16" else 4)
+        check_memory_budget(profile, estimate_weight_bytes(src.config, profile.precision), spec_kv, context=ctx)
+
+    work = Path(tempfile.mkdtemp(prefix="edgeqwen-graph-"))
+    try:
+        with stages.stage("graph", "Building the ONNX graph (onnxruntime-genai model builder, float)"):
+            build = build_fast_graph(src.hf_dir, work, provider=profile.providers[0], io_dtype=profile.io_dtype)
+        with target as tmp:
+            with stages.stage("quantize", f"Quantizing to {profile.precision} ({profile.quant_algo}, block "
+                                          f"{profile.block_size})"):
+                quant = _quantize(work, tmp, profile, src, stages)
+            _copy_tokenizer_files(src.hf_dir, tmp)
+            generation = json.loads((tmp / "generation_config.json").read_text()) if (
+                tmp / "generation_config.json").is_file() else {}
+            shutil.copy2(work / "genai_config.json", tmp / "genai_config.json")
+            adjust_genai_config(tmp / "genai_config.json", context=ctx, generation=generation,
+                                provider=profile.providers[0], threads=profile.threads)
+            io = GraphIO(io_dtype="float16" if profile.io_dtype == "fp16" else "float32")
+            manifest = Manifest(
+                format=FORMAT, format_version=FORMAT_VERSION,
+                name=(src.entry.alias if src.entry else Path(src.spec).name) + f"-{profile.precision}",
+                backend=profile.backend, precision=profile.precision, spec=model_spec(src.config, ctx, generation),
+                io=io, profile=profile.to_dict(),
+                source={"spec": src.spec, "kind": src.kind, "sha256": src.sha256,
+                        "hub_id": src.entry.hub_id if src.entry else None, "graph_builder": build.builder},
+                quantization=quant, tools=_tool_versions(),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            write_manifest(tmp, manifest)
+            if verify:
+                with stages.stage("verify", "Verifying against the float source (transformers)"):
+                    from .verify import verify_bundle
+
+                    result = verify_bundle(tmp, src.hf_dir, profile.precision, threads=threads,
+                                           progress=lambda it: stages.bar(it, "teacher-forced", "tok"))
+                    manifest.verification = result.to_dict()
+                    write_manifest(tmp, manifest)
+                    if progress:
+                        _print_verification(result)
+                    if not result.passed:
+                        raise VerificationError(
+                            f"The {profile.precision} bundle disagrees with its source: agreement "
+                            f"{result.agreement:.1%} (min {result.min_agreement:.0%}), worst perplexity ratio "
+                            f"{result.worst_ratio:.3f} (max {result.max_ratio}). Nothing was written to {out}.",
+                            "try --precision int8, a smaller --block-size, or --quant-algo k_quant.")
+            with stages.stage("write", f"Writing bundle {target.target}"):
+                pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return ExportResult(bundle=target.target, manifest=manifest, timings=stages.timings)
+
+
+def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
+    import onnx
+
+    from .quantize import ExternalWeights, QuantPlan, float_coder, quantize_graph, save_with_external_data
+
+    model = onnx.load(str(work / "model.onnx"), load_external_data=False)
+    weights = ExternalWeights(model, work)
+    if profile.precision in ("fp32", "fp16"):
+        weights.materialize_rest(model)
+        save_with_external_data(model, dest)
+        return {"precision": profile.precision, "summary": {"tensors": 0}}
+    plan = QuantPlan(precision=profile.precision, algo=profile.quant_algo, block_size=profile.block_size,
+                     accuracy_level=profile.accuracy_level, gguf_mode=profile.gguf_mode,
+                     embed_bits=4 if profile.precision == "int4" else 8,
+                     lm_head_bits=4 if profile.precision == "int4" else 8)
+    coder = float_coder(plan)
+    method = "float"
+    if src.gguf_path is not None:
+        from .gguf_repack import gguf_coder
+
+        coder, method = gguf_coder(src.gguf_path, plan, fallback=coder), "gguf"
+    report = quantize_graph(model, weights, plan, coder, progress=lambda it: stages.bar(it, "nodes", "node"))
+    save_with_external_data(model, dest)
+    return {"plan": plan.to_dict(), "source_weights": method, "summary": report.summary(),
+            "tensors": report.tensors}
+
+
+def _print_verification(result) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    table = Table(title=f"Verification ({result.precision})")
+    for col in ("text", "tokens", "top-1 agreement", "perplexity", "reference", "ratio"):
+        table.add_column(col, justify="right")
+    for t in result.texts:
+        table.add_row(t.name, str(t.tokens), f"{t.agreement:.1%}", f"{t.perplexity:.3f}",
+                      f"{t.reference_perplexity:.3f}", f"{t.ratio:.3f}")
+    verdict = "[green]passed[/]" if result.passed else "[red]FAILED[/]"
+    Console(stderr=True).print(table, f"      {verdict} (min agreement {result.min_agreement:.0%}, "
+                                      f"max ratio {result.max_ratio})")

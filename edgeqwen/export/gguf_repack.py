@@ -1,0 +1,174 @@
+"""GGUF-aware weight import: reuse the GGUF's own integer codes instead of re-quantizing its dequantized floats.
+
+Re-quantizing an already quantized weight stacks two rounding errors. When a GGUF block type maps exactly
+onto what onnxruntime's MatMulNBits/GatherBlockQuantized kernels compute (``(q - zp) * scale`` per block),
+we copy the codes and scales bit for bit:
+
+============  ==========================================  =======================================
+GGUF type     GGUF value                                  ONNX form (exact)
+============  ==========================================  =======================================
+Q4_0          d * (q4 - 8), block 32                      4-bit, zp 8, scale d, block 32
+Q5_0          d * (q5 - 16), block 32                     8-bit, zp 16, scale d, block 32
+Q8_0          d * q8, block 32                            8-bit, zp 128, scale d, block 32
+Q6_K          d * sc_j * (q6 - 32), sub-blocks of 16       8-bit, zp 32, scale d*sc_j, block 16
+============  ==========================================  =======================================
+
+Every other type (Q4_1, Q5_1, Q4_K, Q5_K, Q2_K, Q3_K, F16, F32, ...) has a float minimum or a two-level
+scale that an integer zero point cannot express; those are *fitted*: asymmetric block quantization with a
+searched scale and zero point (``blockquant.quantize_fitted``) of the exactly dequantized values, at 8 bits in
+"faithful" mode (error ~1/256 of a block's range) and at the plan's bits in "fast" mode.
+
+"faithful" is exact where the table allows and 8-bit elsewhere: the bundle is larger and decodes slower,
+but says what the GGUF says. "fast" keeps int4 everywhere except Q4_0 (already 4-bit, copied exactly).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .blockquant import BlockQuantized, quantize_fitted
+from .quantize import QuantPlan, WeightCoder
+
+EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q6_K")
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def decode_q4_0(rows: np.ndarray) -> BlockQuantized:
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 18)
+    d = _f16(b[..., 0:2]).reshape(n, -1)
+    qs = b[..., 2:18]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j in low nibble, j+16 in high nibble
+    return BlockQuantized(q.reshape(n, -1), d, np.full(d.shape, 8, np.uint8), 4, 32, q.shape[1] * 32)
+
+
+def decode_q5_0(rows: np.ndarray) -> BlockQuantized:
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 22)
+    d = _f16(b[..., 0:2]).reshape(n, -1)
+    qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # [n, blocks, 1]
+    qs = b[..., 6:22]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+    q = low | (high << 4)
+    return BlockQuantized(q.reshape(n, -1), d, np.full(d.shape, 16, np.uint8), 8, 32, q.shape[1] * 32)
+
+
+def decode_q8_0(rows: np.ndarray) -> BlockQuantized:
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 34)
+    d = _f16(b[..., 0:2]).reshape(n, -1)
+    q = (np.ascontiguousarray(b[..., 2:34]).view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return BlockQuantized(q.reshape(n, -1), d, np.full(d.shape, 128, np.uint8), 8, 32, q.shape[1] * 32)
+
+
+def decode_q6_k(rows: np.ndarray) -> BlockQuantized:
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 210)
+    nb = b.shape[1]
+    ql, qh = b[..., 0:128], b[..., 128:192]
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)  # [n, nb, 16]
+    d = _f16(b[..., 208:210])  # [n, nb, 1]
+    q = np.empty((n, nb, 256), np.uint8)
+    for half in range(2):  # two halves of 128 values, each from 64 ql bytes and 32 qh bytes
+        l = ql[..., half * 64 : half * 64 + 64]
+        h = qh[..., half * 32 : half * 32 + 32]
+        o = half * 128
+        q[..., o : o + 32] = (l[..., :32] & 0x0F) | ((h & 3) << 4)
+        q[..., o + 32 : o + 64] = (l[..., 32:] & 0x0F) | (((h >> 2) & 3) << 4)
+        q[..., o + 64 : o + 96] = (l[..., :32] >> 4) | (((h >> 4) & 3) << 4)
+        q[..., o + 96 : o + 128] = (l[..., 32:] >> 4) | (((h >> 6) & 3) << 4)
+    scales = (d * sc).reshape(n, nb * 16)  # one scale per 16 values; fp16 x int8 is exact in fp32
+    return BlockQuantized(q.reshape(n, -1), scales, np.full(scales.shape, 32, np.uint8), 8, 16, nb * 256)
+
+
+DECODERS: dict[str, Callable[[np.ndarray], BlockQuantized]] = {
+    "Q4_0": decode_q4_0, "Q5_0": decode_q5_0, "Q8_0": decode_q8_0, "Q6_K": decode_q6_k,
+}
+
+
+def with_block_size(bq: BlockQuantized, block_size: int) -> BlockQuantized:
+    """Split blocks into smaller ones (same values): lets tensors of different block sizes share one node."""
+    if block_size == bq.block_size:
+        return bq
+    r = bq.block_size // block_size
+    return BlockQuantized(bq.q, np.repeat(bq.scales, r, axis=1), np.repeat(bq.zero_points, r, axis=1),
+                          bq.bits, block_size, bq.k)
+
+
+def concat_rows(parts: list[BlockQuantized]) -> BlockQuantized:
+    bits = max(p.bits for p in parts)
+    if any(p.bits != bits for p in parts):
+        raise ValueError("cannot stack exact parts of different bit widths")
+    bs = min(p.block_size for p in parts)
+    parts = [with_block_size(p, bs) for p in parts]
+    return BlockQuantized(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
+                          np.concatenate([p.zero_points for p in parts]), bits, bs, parts[0].k)
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMul\.weight$")
+_PARTS = {"qkv_proj": ("attn_q", "attn_k", "attn_v"), "q_proj": ("attn_q",), "k_proj": ("attn_k",),
+          "v_proj": ("attn_v",), "o_proj": ("attn_output",), "gate_proj": ("ffn_gate",), "up_proj": ("ffn_up",),
+          "down_proj": ("ffn_down",), "gate_up_proj": ("ffn_gate", "ffn_up")}
+
+
+def gguf_names(onnx_name: str, tensors: dict) -> list[str] | None:
+    """The GGUF tensors (stacked along output rows) behind one ONNX initializer of the builder's graph."""
+    if "embed_tokens" in onnx_name:
+        return ["token_embd.weight"]
+    if onnx_name.startswith("lm_head"):
+        return ["output.weight"] if "output.weight" in tensors else ["token_embd.weight"]
+    m = _LAYER.match(onnx_name)
+    if not m or m.group(3) not in _PARTS:
+        return None
+    return [f"blk.{m.group(1)}.{p}.weight" for p in _PARTS[m.group(3)]]
+
+
+class GGUFTensors:
+    """Raw GGUF tensors by name, memory-mapped by the gguf package's reader."""
+
+    def __init__(self, path: Path):
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        self.tensors = {t.name: t for t in reader.tensors}
+
+    def type_name(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def rows(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        data = np.asarray(t.data)
+        n = int(t.shape[-1]) if len(t.shape) > 1 else 1  # GGUF shapes are [K, N] (fastest first)
+        return data.reshape(n, -1)
+
+
+def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightCoder:
+    """A WeightCoder that copies exact GGUF codes where the mode allows and fits the rest."""
+    g = GGUFTensors(path)
+
+    def code(name: str, w_nk: np.ndarray, bits: int, role: str) -> tuple[BlockQuantized, str]:
+        names = gguf_names(name, g.tensors)
+        types = [g.type_name(n) for n in names] if names and all(n in g.tensors for n in names) else []
+        faithful = plan.gguf_mode == "faithful"
+        exact_ok = types and all(t in DECODERS for t in types) and (
+            faithful or all(t == "Q4_0" for t in types))
+        if exact_ok:
+            bq = concat_rows([DECODERS[t](g.rows(n)) for t, n in zip(types, names)])
+            # guard against a name/layout mismatch: the exact codes must reproduce the float weights
+            scale = float(np.abs(w_nk).max()) or 1.0
+            if bq.q.shape == w_nk.shape and float(np.abs(bq.dequantize() - w_nk).max()) <= 1e-5 * scale:
+                return bq, "gguf-exact:" + "+".join(sorted(set(types)))
+        if faithful:
+            return quantize_fitted(w_nk, 8, plan.block_size), "gguf-fit8:" + "+".join(sorted(set(types)) or ["?"])
+        bq, how = fallback(name, w_nk, bits, role)
+        return bq, f"{how}:" + "+".join(sorted(set(types)) or ["?"])
+
+    return code

@@ -1,0 +1,218 @@
+"""Float ONNX graph -> weight-only quantized graph (MatMulNBits + GatherBlockQuantized).
+
+The graph builder hands us a float graph whose linear layers are ``MatMul(x, W[K, N])`` with ``W`` an
+initializer and whose embedding is ``Gather(E[V, H], ids)``. We replace each with its block-quantized
+contrib op. Weights are read straight from the external-data file with ``np.memmap``, so a 2.5 GB fp32
+graph never sits in memory twice.
+
+Where the codes come from is a separate decision (``WeightCoder``): fitted/RTN quantization of the float
+weights, or, for GGUF sources, a repack of the GGUF's own integer codes (see ``gguf_repack``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import ExportError
+from .blockquant import BlockQuantized, quantize
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """What to quantize and how; derived from the device profile plus command-line overrides."""
+
+    precision: str = "int4"  # int4 | int8 | fp32
+    algo: str = "k_quant"  # rtn | rtn_asym | k_quant
+    block_size: int = 32
+    accuracy_level: int = 4
+    embed_bits: int | None = 4  # None keeps the embedding table in float
+    lm_head_bits: int | None = 4
+    gguf_mode: str = "fast"  # fast | faithful: used only when the source is a GGUF file
+
+    @property
+    def body_bits(self) -> int | None:
+        return {"int4": 4, "int8": 8}.get(self.precision)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantReport:
+    """What was done to each weight, for the manifest and the export summary."""
+
+    tensors: dict[str, dict] = field(default_factory=dict)
+    float_bytes: int = 0
+    quant_bytes: int = 0
+
+    def add(self, name: str, how: str, bq: BlockQuantized, float_bytes: int) -> None:
+        self.tensors[name] = {"how": how, "bits": bq.bits, "block_size": bq.block_size, "shape": [bq.n, bq.k]}
+        self.float_bytes += float_bytes
+        self.quant_bytes += bq.nbytes()
+
+    def summary(self) -> dict:
+        hows: dict[str, int] = {}
+        for t in self.tensors.values():
+            key = f"{t['how']}/{t['bits']}bit"
+            hows[key] = hows.get(key, 0) + 1
+        return {"tensors": len(self.tensors), "by_method": hows,
+                "float_mb": round(self.float_bytes / 2**20, 1), "quant_mb": round(self.quant_bytes / 2**20, 1)}
+
+
+# A weight coder gets (onnx initializer name, float weight as [N, K], bits, role) and returns codes.
+WeightCoder = Callable[[str, np.ndarray, int, str], tuple[BlockQuantized, str]]
+
+
+def float_coder(plan: QuantPlan) -> WeightCoder:
+    def code(name: str, w_nk: np.ndarray, bits: int, role: str) -> tuple[BlockQuantized, str]:
+        return quantize(w_nk, bits, plan.block_size, plan.algo), plan.algo
+
+    return code
+
+
+class ExternalWeights:
+    """Reads initializers of a graph saved with external data, lazily and without copying the file."""
+
+    def __init__(self, model: onnx.ModelProto, base_dir: Path):
+        self.base_dir = Path(base_dir)
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self._maps: dict[str, np.memmap] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.inits
+
+    def array(self, name: str) -> np.ndarray:
+        t = self.inits[name]
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        path = str(self.base_dir / info["location"])
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        raw = self._maps[path][offset : offset + length]
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(t.dims))
+
+    def materialize_rest(self, model: onnx.ModelProto) -> None:
+        """Load every still-external initializer into memory so the model can be saved elsewhere."""
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                arr = np.array(self.array(t.name))
+                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+
+
+def _role(name: str) -> str:
+    if "embed_tokens" in name:
+        return "embed"
+    if "lm_head" in name:
+        return "lm_head"
+    return "body"
+
+
+def _matmul_nbits(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy_level: int) -> tuple:
+    base = wname.replace(".weight", "")
+    b, s, z = f"{base}.qweight", f"{base}.scales", f"{base}.qzeros"
+    inits = [
+        numpy_helper.from_array(bq.packed_codes(), b),
+        numpy_helper.from_array(bq.scales.reshape(-1), s),
+    ]
+    inputs = [node.input[0], b, s]
+    if not bq.default_zero_point():  # the kernels assume 2**(bits-1) when the input is absent
+        inits.append(numpy_helper.from_array(bq.packed_zero_points().reshape(-1), z))
+        inputs.append(z)
+    new = helper.make_node(
+        "MatMulNBits", inputs, list(node.output), name=node.name + "NBits", domain=MS_DOMAIN,
+        K=bq.k, N=bq.n, bits=bq.bits, block_size=bq.block_size, accuracy_level=accuracy_level,
+    )
+    return new, inits
+
+
+def _gather_block_quantized(node: onnx.NodeProto, bq: BlockQuantized, wname: str) -> tuple:
+    base = wname.replace(".weight", "")
+    d, s, z = f"{base}.qweight", f"{base}.scales", f"{base}.qzeros"
+    codes = bq.packed_codes().reshape(bq.n, -1)
+    inits = [
+        numpy_helper.from_array(codes, d),
+        numpy_helper.from_array(bq.scales, s),
+        numpy_helper.from_array(bq.packed_zero_points(), z),
+    ]
+    new = helper.make_node(
+        "GatherBlockQuantized", [d, node.input[1], s, z], list(node.output), name=node.name + "BlockQuantized",
+        domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=bq.block_size, bits=bq.bits,
+    )
+    return new, inits
+
+
+def quantize_graph(
+    model: onnx.ModelProto,
+    weights: ExternalWeights,
+    plan: QuantPlan,
+    coder: WeightCoder | None = None,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> QuantReport:
+    """Rewrite ``model`` in place. Float initializers that were replaced are dropped from the graph."""
+    if plan.body_bits is None:
+        raise ExportError(f"quantize_graph needs int4 or int8, got precision {plan.precision!r}.",
+                          "use --precision int4 or int8, or skip quantization for fp32.")
+    coder = coder or float_coder(plan)
+    report = QuantReport()
+    graph = model.graph
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    replaced: set[str] = set()
+    for node in progress(list(graph.node)):
+        if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in weights:
+            wname = node.input[1]
+            role = _role(wname)
+            bits = plan.lm_head_bits if role == "lm_head" else plan.body_bits
+            w = weights.array(wname)
+            if bits is None or w.ndim != 2 or w.shape[0] % plan.block_size:
+                new_nodes.append(node)
+                continue
+            bq, how = coder(wname, np.ascontiguousarray(w.T), bits, role)
+            new, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level)
+        elif node.op_type == "Gather" and node.input[0] in weights and plan.embed_bits:
+            wname = node.input[0]
+            w = weights.array(wname)
+            if w.ndim != 2 or w.shape[1] % plan.block_size:
+                new_nodes.append(node)
+                continue
+            bq, how = coder(wname, w, plan.embed_bits, "embed")
+            new, inits = _gather_block_quantized(node, bq, wname)
+        else:
+            new_nodes.append(node)
+            continue
+        report.add(wname, how, bq, w.nbytes)
+        replaced.add(wname)
+        new_nodes.append(new)
+        new_inits.extend(inits)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    kept = [t for t in graph.initializer if t.name not in replaced]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    weights.materialize_rest(model)  # only the small float tensors are left (norms, biases, rotary caches)
+    graph.initializer.extend(new_inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return report
+
+
+def save_with_external_data(model: onnx.ModelProto, folder: Path, name: str = "model.onnx") -> None:
+    """Write model.onnx + model.onnx.data (one external file, as onnxruntime-genai expects)."""
+    folder = Path(folder)
+    data = folder / f"{name}.data"
+    if data.exists():
+        os.remove(data)
+    onnx.save_model(model, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{name}.data", size_threshold=1024, convert_attribute=False)

@@ -1,0 +1,470 @@
+"""Device profiles: what a target board can run, and how a bundle should be built for it.
+
+A profile is a flat TOML file in ``devices/`` (shipped as ``edgeqwen.devices`` package data). The exporter
+reads it to choose precision, quantization and graph flavour; the runtime reads it to choose execution
+providers and threads; and the bundle manifest records it so a bundle always says what it was tuned for.
+
+This module is shared by the lean runtime, so it imports only the standard library (plus ``tomli`` on
+Python 3.10). Host facts (:func:`detect_host`) live in :mod:`edgeqwen.hostinfo` for the same reason and
+are re-exported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ProfileError
+from .hostinfo import HostInfo, detect_host
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+__all__ = [
+    "PROVIDER_NAMES", "PROVIDER_PACKAGES", "PROFILE_KEYS", "BACKENDS", "PRECISIONS", "QUANT_ALGOS",
+    "GGUF_MODES", "BLOCK_SIZES", "IO_DTYPES", "HostInfo", "Profile", "detect_host", "list_profiles",
+    "load_profile", "resolve_host_profile", "with_overrides", "kv_cache_bytes", "check_memory_budget",
+]
+
+# Short names keep TOML files and CLI flags readable; onnxruntime wants the long ones.
+PROVIDER_NAMES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+# What to tell a user whose onnxruntime lacks a provider. The plain wheel ships cpu (and coreml on macOS,
+# xnnpack/nnapi only in the Android package), so the notes say when a custom build is the way.
+PROVIDER_PACKAGES: dict[str, str] = {
+    "cpu": "onnxruntime",
+    "cuda": "onnxruntime-gpu",
+    "dml": "onnxruntime-directml",
+    "qnn": "onnxruntime-qnn",
+    "coreml": "onnxruntime (the macOS wheel includes CoreML)",
+    "webgpu": "onnxruntime (a build with --use_webgpu; not in the default PyPI wheel)",
+    "xnnpack": "onnxruntime (a build with --use_xnnpack, or the onnxruntime-android package)",
+    "nnapi": "onnxruntime (the onnxruntime-android package, or a build with --use_nnapi)",
+}
+
+BACKENDS = ("fast", "portable")
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+QUANT_ALGOS = ("rtn", "k_quant", "hqq", "gptq")
+GGUF_MODES = ("fast", "faithful")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+IO_DTYPES = ("fp32", "fp16")
+CONTEXT_RANGE = (256, 131072)
+MIN_RAM_BUDGET_MB = 256
+
+PROFILE_KEYS = (
+    "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
+    "accuracy_level", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
+)
+# Keys a manifest dict carries besides the schema (see Profile.to_dict).
+_MANIFEST_EXTRA_KEYS = ("source", "host")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_MB = 1024 * 1024
+
+# How much of a machine's RAM the host profile lets a model use, and the most it will ever claim:
+# the rest is for the OS and the application; beyond 16 GB no model this SDK exports needs more.
+_HOST_RAM_FRACTION = 0.6
+_HOST_RAM_CAP_MB = 16384
+
+
+# --------------------------------------------------------------------------------------------------------
+# Field checkers: each takes (key, value, source) and returns the normalised value or raises ProfileError.
+
+
+def _bad_value(key: str, value: Any, allowed: str, source: str, fix: str | None = None) -> ProfileError:
+    return ProfileError(
+        f"Profile key '{key}' has invalid value {value!r} (in {source}); allowed: {allowed}.",
+        fix or f"set {key} to one of the allowed values in the profile, or pass a valid override.",
+    )
+
+
+def _choice(options: tuple[Any, ...]) -> Callable[[str, Any, str], Any]:
+    def check(key: str, value: Any, source: str) -> Any:
+        norm = value.strip().lower() if isinstance(value, str) else value
+        if isinstance(norm, str) and any(isinstance(o, int) for o in options) and norm.isdigit():
+            norm = int(norm)  # CLI overrides may arrive as text
+        if isinstance(norm, bool) or norm not in options:
+            raise _bad_value(key, value, ", ".join(str(o) for o in options), source)
+        return norm
+
+    return check
+
+
+def _int_range(lo: int, hi: int | None) -> Callable[[str, Any, str], int]:
+    def check(key: str, value: Any, source: str) -> int:
+        num: Any = value
+        if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+            num = int(value)
+        allowed = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
+        if isinstance(num, bool) or not isinstance(num, int) or num < lo or (hi is not None and num > hi):
+            raise _bad_value(key, value, allowed, source)
+        return num
+
+    return check
+
+
+def _check_name(key: str, value: Any, source: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        allowed = "letters, digits, '.', '_' or '-', starting with a letter or digit"
+        raise _bad_value(key, value, allowed, source)
+    return value
+
+
+def _check_text(key: str, value: Any, source: str) -> str:
+    if not isinstance(value, str):
+        raise _bad_value(key, value, "a string", source)
+    return value
+
+
+def _check_providers(key: str, value: Any, source: str) -> tuple[str, ...]:
+    allowed = ", ".join(PROVIDER_NAMES)
+    items = value.split(",") if isinstance(value, str) else value  # "cuda,cpu" from a CLI flag
+    if not isinstance(items, (list, tuple)) or not items:
+        raise _bad_value(key, value, f"a non-empty list of provider names ({allowed})", source)
+    long_to_short = {v.lower(): k for k, v in PROVIDER_NAMES.items()}
+    out: list[str] = []
+    for item in items:
+        short = item.strip().lower() if isinstance(item, str) else item
+        short = long_to_short.get(short, short) if isinstance(short, str) else short
+        if short not in PROVIDER_NAMES:
+            raise _bad_value(key, item, allowed, source)
+        if short in out:
+            raise _bad_value(key, value, f"each of {allowed} at most once", source,
+                             f"list '{short}' only once in providers.")
+        out.append(short)
+    return tuple(out)
+
+
+def _check_provider_options(key: str, value: Any, source: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict):
+        raise _bad_value(key, value, "a table of tables, e.g. [provider_options.cuda]", source)
+    out: dict[str, dict[str, Any]] = {}
+    for prov, opts in value.items():
+        if prov not in PROVIDER_NAMES:
+            raise _bad_value(f"{key}.{prov}", prov, ", ".join(PROVIDER_NAMES), source)
+        if not isinstance(opts, dict):
+            raise _bad_value(f"{key}.{prov}", opts, "a table of option = value", source)
+        for opt, val in opts.items():
+            if not isinstance(val, (str, int, bool)):  # bool is an int; floats and tables are not
+                raise _bad_value(f"{key}.{prov}.{opt}", val, "a string, integer or boolean", source)
+        out[prov] = dict(opts)
+    return out
+
+
+_CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
+    "name": _check_name,
+    "description": _check_text,
+    "providers": _check_providers,
+    "backend": _choice(BACKENDS),
+    "precision": _choice(PRECISIONS),
+    "quant_algo": _choice(QUANT_ALGOS),
+    "gguf_mode": _choice(GGUF_MODES),
+    "block_size": _choice(BLOCK_SIZES),
+    "accuracy_level": _int_range(0, 4),
+    "io_dtype": _choice(IO_DTYPES),
+    "context": _int_range(*CONTEXT_RANGE),
+    "threads": _int_range(0, None),
+    "ram_budget_mb": _int_range(MIN_RAM_BUDGET_MB, None),
+    "provider_options": _check_provider_options,
+}
+
+
+def _reject_unknown_keys(keys: Any, source: str, extra: tuple[str, ...] = (), what: str = "key") -> None:
+    allowed = PROFILE_KEYS + extra
+    for key in keys:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ProfileError(
+                f"Unknown profile {what} '{key}' (in {source}); allowed keys: {', '.join(allowed)}.",
+                f"remove '{key}' or correct its spelling{hint}.",
+            )
+
+
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated device profile. Every instance is valid: ``__post_init__`` normalises and checks it,
+    so code that receives a Profile (exporter, runtime, manifest) never re-validates.
+
+    Defaults mirror ``devices/host.toml``, so a custom profile only needs the keys it changes.
+    """
+
+    name: str
+    description: str = ""
+    providers: tuple[str, ...] = ("cpu",)
+    backend: str = "fast"
+    precision: str = "int4"
+    quant_algo: str = "k_quant"
+    gguf_mode: str = "fast"
+    block_size: int = 32
+    accuracy_level: int = 4
+    io_dtype: str = "fp32"
+    context: int = 4096
+    threads: int = 0
+    ram_budget_mb: int = 4096
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    source: str = "custom"
+    host: HostInfo | None = None
+
+    def __post_init__(self) -> None:
+        for key, check in _CHECKS.items():
+            object.__setattr__(self, key, check(key, getattr(self, key), self.source))
+        self._check_combination()
+
+    def _check_combination(self) -> None:
+        """Rules across keys: combinations that would export fine and then fail or crawl on the device."""
+        src = self.source
+        if self.backend == "portable" and self.precision == "int4":
+            raise ProfileError(
+                f"Profile '{self.name}' (in {src}) combines backend = 'portable' with precision = 'int4'; "
+                "portable graphs use standard ONNX ops only, and int4 needs the MatMulNBits contrib op.",
+                "use precision = 'int8' (or fp16/fp32) with the portable backend, or backend = 'fast' "
+                "for int4 on CPU/CUDA/DirectML.",
+            )
+        if self.io_dtype == "fp16" and self.providers[0] == "cpu":
+            raise ProfileError(
+                f"Profile '{self.name}' (in {src}) sets io_dtype = 'fp16' with 'cpu' as the first provider; "
+                "allowed io_dtype for a CPU-first profile: fp32 (CPU kernels want fp32 inputs/outputs).",
+                "set io_dtype = 'fp32', or put a GPU provider (cuda, dml, webgpu) first in providers.",
+            )
+        extra = [p for p in self.provider_options if p not in self.providers]
+        if extra:
+            raise ProfileError(
+                f"Profile '{self.name}' (in {src}) has provider_options for {', '.join(extra)}, "
+                f"which is not in providers; allowed: {', '.join(self.providers)}.",
+                f"add {', '.join(extra)} to providers or delete its [provider_options.*] table.",
+            )
+
+    def ort_providers(self) -> list[str]:
+        """onnxruntime provider names, in fallback order."""
+        return [PROVIDER_NAMES[p] for p in self.providers]
+
+    def ort_provider_options(self) -> list[dict[str, str]]:
+        """Per-provider option dicts aligned with :meth:`ort_providers`. onnxruntime's Python binding
+        takes option values as strings, so booleans become "1"/"0" here rather than in every caller."""
+        def as_str(v: Any) -> str:
+            return ("1" if v else "0") if isinstance(v, bool) else str(v)
+
+        return [{k: as_str(v) for k, v in self.provider_options.get(p, {}).items()} for p in self.providers]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict for the bundle manifest; includes ``source`` and, for the host profile, the
+        detected machine so a bundle records where it was tuned."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in PROFILE_KEYS}
+        out["providers"] = list(self.providers)
+        out["provider_options"] = {p: dict(o) for p, o in self.provider_options.items()}
+        out["source"] = self.source
+        if self.host is not None:
+            host = asdict(self.host)
+            host["isa"] = list(self.host.isa)
+            out["host"] = host
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Profile:
+        """Inverse of :meth:`to_dict`; validates like a TOML file (a manifest may be hand-edited)."""
+        if not isinstance(d, dict):
+            raise ProfileError(f"A profile must be a mapping, got {type(d).__name__}.",
+                               "pass the dict produced by Profile.to_dict().")
+        source = str(d.get("source", "dict"))
+        _reject_unknown_keys(d, source, _MANIFEST_EXTRA_KEYS)
+        if "name" not in d:
+            raise ProfileError(f"Profile dict (from {source}) has no 'name'.", "add name = \"<device>\".")
+        kwargs = {k: d[k] for k in PROFILE_KEYS if k in d}
+        host = d.get("host")
+        if host is not None:
+            try:
+                host = HostInfo(**{**host, "isa": tuple(host.get("isa", ()))})
+            except (TypeError, AttributeError) as exc:
+                raise ProfileError(f"Profile dict (from {source}) has a malformed 'host' entry: {exc}.",
+                                   "remove 'host' or regenerate it with Profile.to_dict().") from exc
+        return cls(**kwargs, source=source, host=host)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+
+
+@lru_cache(maxsize=1)
+def _builtin_files() -> dict[str, Any]:
+    """Map builtin profile name -> Traversable. Installed wheels carry the TOMLs as ``edgeqwen.devices``
+    package data; a source checkout (pyproject's package-dir mapping not applied) has them in ``devices/``
+    next to the package, so fall back to that."""
+    found: dict[str, Any] = {}
+    try:
+        from importlib.resources import files
+
+        for entry in files("edgeqwen.devices").iterdir():
+            if entry.name.endswith(".toml") and entry.is_file():
+                found[entry.name[: -len(".toml")]] = entry
+    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError, TypeError):
+        found = {}
+    if not found:
+        repo_devices = Path(__file__).resolve().parent.parent / "devices"
+        if repo_devices.is_dir():
+            found = {p.stem: p for p in repo_devices.glob("*.toml")}
+    return found
+
+
+def list_profiles() -> list[str]:
+    """Builtin profile names, sorted; ``host`` (this machine) is always among them."""
+    return sorted(set(_builtin_files()) | {"host"})
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(
+            f"Profile {source} is not valid TOML: {exc}.",
+            "fix the syntax (flat key = value lines, [provider_options.<provider>] tables).",
+        ) from exc
+
+
+def _read_raw(name_or_path: str) -> tuple[dict[str, Any], str, bool]:
+    """Return (raw TOML dict, source label, is_builtin)."""
+    builtins = _builtin_files()
+    looks_like_path = name_or_path.endswith(".toml") or "/" in name_or_path or "\\" in name_or_path
+    if not looks_like_path and name_or_path in builtins:
+        label = f"builtin:{name_or_path}"
+        return _parse_toml(builtins[name_or_path].read_text(encoding="utf-8"), label), label, True
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ProfileError(f"Cannot read profile file {path}: {exc}.",
+                               "check the path and permissions.") from exc
+        raw = _parse_toml(text, str(path))
+        raw.setdefault("name", path.stem)
+        return raw, str(path), False
+    if looks_like_path:
+        raise ProfileError(f"Profile file {name_or_path} does not exist.",
+                           f"check the path, or use a builtin profile: {', '.join(list_profiles())}.")
+    raise ProfileError(
+        f"Unknown device profile '{name_or_path}'; available: {', '.join(list_profiles())}.",
+        "pick one of those names, or pass a path to your own .toml profile.",
+    )
+
+
+def _host_facts(base: dict[str, Any], host: HostInfo) -> dict[str, Any]:
+    """Fill the machine-dependent keys of the host profile from what detect_host() found."""
+    notes = []
+    if host.arch in ("x86_64", "x86") and "avx2" not in host.isa:
+        notes.append("no AVX2: int4 kernels fall back to slower paths, expect lower speed")
+    if host.arch in ("aarch64", "arm64") and "asimddp" not in host.isa:
+        notes.append("no dotprod: int8-activation kernels run without SDOT, expect lower speed")
+    if host.ram_mb > 0:
+        budget = min(int(host.ram_mb * _HOST_RAM_FRACTION), _HOST_RAM_CAP_MB)
+        budget = max(budget, MIN_RAM_BUDGET_MB)
+    else:
+        budget = int(base.get("ram_budget_mb", 4096))
+        notes.append(f"total RAM unknown, budget defaults to {budget} MB")
+    isa = " ".join(host.isa) or "baseline"
+    desc = (f"This machine: {host.cpu_model} ({host.arch}, {host.cores} cores, ISA: {isa}), "
+            f"{host.ram_mb} MB RAM on {host.os}. int4 weights with int8 activations (accuracy_level 4), "
+            f"{host.cores} threads, {int(_HOST_RAM_FRACTION * 100)}% of RAM as budget")
+    desc += "; note: " + "; ".join(notes) + "." if notes else "."
+    return {**base, "threads": max(host.cores, 1), "ram_budget_mb": budget, "description": desc}
+
+
+def load_profile(name_or_path: str, **overrides: Any) -> Profile:
+    """Load a builtin profile by name, or a ``.toml`` file by path, then apply ``overrides``.
+
+    Overrides (e.g. ``precision="int8", context=2048``) come from CLI flags; ``None`` means "flag not
+    given" and is ignored. They are validated exactly like file values, so a bad flag gets the same
+    message as a bad file.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    raw, source, is_builtin = _read_raw(str(name_or_path))
+    _reject_unknown_keys(raw, source)
+    _reject_unknown_keys(given, "overrides", what="override")
+    host = None
+    if is_builtin and name_or_path == "host":
+        host = detect_host()
+        raw = _host_facts(raw, host)
+    return Profile(**{**raw, **given}, source=source, host=host)
+
+
+def resolve_host_profile() -> Profile:
+    """The ``host`` profile: defaults from ``devices/host.toml`` with this machine's threads, RAM budget
+    and description filled in."""
+    return load_profile("host")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory arithmetic
+
+
+def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, context: int, dtype_bytes: int = 4) -> int:
+    """Bytes of the K and V caches for batch 1 at full ``context`` (GQA: only the KV heads count)."""
+    for key, val in (("num_layers", num_layers), ("kv_heads", kv_heads), ("head_dim", head_dim),
+                     ("context", context), ("dtype_bytes", dtype_bytes)):
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ProfileError(f"kv_cache_bytes: {key} = {val!r} is invalid; allowed: a positive integer.",
+                               f"pass a positive integer {key}.")
+    return 2 * num_layers * kv_heads * head_dim * context * dtype_bytes
+
+
+def check_memory_budget(profile: Profile, weight_bytes: int, kv_bytes: int, overhead_mb: int = 150,
+                        context: int | None = None) -> None:
+    """Refuse a bundle that would not fit the device, before spending minutes exporting it.
+
+    ``kv_bytes`` is the KV cache at ``context`` tokens (default: the profile's context); the KV cache grows
+    linearly with context, which is how the largest fitting context is computed for the message.
+    """
+    ctx = context or profile.context
+    budget_mb = profile.ram_budget_mb
+    weights_mb, kv_mb = weight_bytes / _MB, kv_bytes / _MB
+    total_mb = weights_mb + kv_mb + overhead_mb
+    if total_mb <= budget_mb:
+        return
+    room = budget_mb * _MB - weight_bytes - overhead_mb * _MB
+    per_token = kv_bytes / ctx if ctx > 0 else 0
+    fits = int(room // per_token) // 256 * 256 if per_token > 0 and room > 0 else 0
+    fixes = []
+    if fits >= CONTEXT_RANGE[0]:
+        fixes.append(f"a smaller --context (at most {fits} fits)")
+    else:
+        fixes.append("a smaller --context will not help: the weights alone leave no room for the KV cache")
+    if profile.backend == "fast" and profile.precision != "int4":
+        fixes.append(f"--precision int4 (now {profile.precision})")
+    elif profile.backend == "portable" and profile.precision != "int8":
+        fixes.append(f"--precision int8 (now {profile.precision}; portable graphs cannot hold int4)")
+    elif profile.backend == "portable":
+        fixes.append("--backend fast --precision int4 if the device's provider runs contrib ops")
+    fixes.append("a smaller model (e.g. 0.5B instead of 1.5B/3B)")
+    fixes.append("or, if the device really has more free RAM, a custom profile with a larger ram_budget_mb")
+    raise ProfileError(
+        f"The model needs about {total_mb:,.0f} MB (weights {weights_mb:,.0f} MB + KV cache {kv_mb:,.0f} MB "
+        f"at context {ctx} + overhead {overhead_mb} MB) but profile '{profile.name}' allows "
+        f"ram_budget_mb = {budget_mb:,} MB.",
+        "use " + ", ".join(fixes) + ".",
+    )
+
+
+def with_overrides(profile: Profile, **overrides: Any) -> Profile:
+    """Return ``profile`` with ``overrides`` applied (``None`` ignored) and re-validated."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _reject_unknown_keys(given, "overrides", what="override")
+    return replace(profile, **given)
+

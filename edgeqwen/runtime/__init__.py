@@ -1,0 +1,268 @@
+"""edgeqwen's lean runtime: ``load(bundle)`` -> ``Model`` with generate / stream / chat.
+
+Imports only numpy, onnxruntime, tokenizers, jinja2 and the standard library, so it installs on a board with
+``pip install edgeqwen``. The math lives in ``generate.py``; this module turns text, chat messages and
+sampling options into token ids and back.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from tokenizers import Tokenizer
+
+from ..bundle import Manifest, load_bundle
+from ..errors import BundleError, ContextOverflowError, GenerationError
+from .chat import ChatTemplate, Reply, ToolCall, parse_reply
+from .generate import Engine, Stats, StopRule, generate
+from .sampling import Sampler, SamplingParams
+from .session import choose_provider, create_session
+from .text import IncrementalDetokenizer, StopMatcher
+
+__all__ = ["load", "Model", "Conversation", "Result", "SamplingParams", "ToolCall"]
+
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (what a board's OOM killer looks at)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    finish_reason: str  # "stop" (end token / stop string) | "length"
+    stats: dict[str, Any]
+    reasoning: str | None = None  # Qwen3 <think>…</think>, when the prompt was chat messages
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # e.g. a <tool_call> whose JSON did not parse
+
+
+class Model:
+    """A loaded bundle. One conversation's KV cache lives here; calls reuse whatever prefix it shares."""
+
+    def __init__(self, folder: Path, manifest: Manifest, *, provider: str, threads: int | None, context: int | None,
+                 prefill_chunk: int):
+        self.folder, self.manifest = folder, manifest
+        spec = manifest.spec
+        if context is not None and not 16 <= context <= spec.context_length:
+            raise GenerationError(f"context={context} is outside 16..{spec.context_length} for this bundle.",
+                                  "pass a context up to the bundle's context length, or re-export with "
+                                  "--context N for a longer one.")
+        self.context = context or spec.context_length
+        self.provider = choose_provider(provider, manifest.profile, manifest.backend)
+        self.session, self.session_info = create_session(folder / "model.onnx", self.provider, threads=threads,
+                                                         profile=manifest.profile)
+        self.engine = Engine(self.session, manifest, context=self.context, prefill_chunk=prefill_chunk)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.generation_config = _read_json(folder / "generation_config.json")
+        tok_cfg = _read_json(folder / "tokenizer_config.json")
+        template = tok_cfg.get("chat_template")
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        self.template = (ChatTemplate(template, bos_token=_token_str(tok_cfg.get("bos_token")),
+                                      eos_token=_token_str(tok_cfg.get("eos_token"))) if template else None)
+        eos = self.generation_config.get("eos_token_id", spec.eos_token_ids)
+        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos]) | frozenset(spec.eos_token_ids)
+
+    # -- text <-> tokens ------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def render(self, messages: list[dict], *, tools: list[dict] | None = None,
+               enable_thinking: bool | None = None) -> str:
+        if self.template is None:
+            raise BundleError("This bundle has no chat template, so chat messages cannot be formatted.",
+                              "pass a plain string prompt, or re-export from a source with a chat template.")
+        return self.template.render(messages, tools=tools, add_generation_prompt=True,
+                                    enable_thinking=enable_thinking)
+
+    def prompt_tokens(self, prompt: str | list[dict], *, tools=None, enable_thinking=None) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        if isinstance(prompt, list):
+            return self.encode(self.render(prompt, tools=tools, enable_thinking=enable_thinking))
+        raise GenerationError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}.",
+                              "pass 'text' or [{'role': 'user', 'content': 'text'}].")
+
+    # -- generation -----------------------------------------------------------------------------------
+    def stream(self, prompt: str | list[dict], **options: Any) -> Iterator[str]:
+        """Yield text pieces as they are decoded (same options as ``generate``)."""
+        yield from self._run(prompt, options, _Sink())
+
+    def generate(self, prompt: str | list[dict], **options: Any) -> Result:
+        """Generate a whole answer. A string is a raw prompt; a list of {role, content} goes through the template.
+
+        Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
+        frequency_penalty, seed, stop (str or list of str), stop_token_ids, tools, enable_thinking,
+        truncate ("error" | "left"). Unset sampling options come from the bundle's generation_config.json.
+        """
+        sink = _Sink()
+        for _ in self._run(prompt, options, sink):
+            pass
+        return sink.result
+
+    def chat(self, system: str | None = None, *, tools: list[dict] | None = None,
+             enable_thinking: bool | None = None) -> "Conversation":
+        return Conversation(self, system=system, tools=tools, enable_thinking=enable_thinking)
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next call prefills from scratch)."""
+        self.engine.reset()
+
+    def _run(self, prompt, options: dict, sink: "_Sink") -> Iterator[str]:
+        opts = dict(options)
+        max_new = opts.pop("max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        stop = opts.pop("stop", None)
+        stop_ids = opts.pop("stop_token_ids", None)
+        tools = opts.pop("tools", None)
+        thinking = opts.pop("enable_thinking", None)
+        truncate = opts.pop("truncate", "error")
+        sampling_keys = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                         "frequency_penalty", "seed"}
+        unknown = set(opts) - sampling_keys
+        if unknown:
+            raise GenerationError(f"Unknown generation option(s): {', '.join(sorted(unknown))}.",
+                                  f"use max_new_tokens, stop, stop_token_ids, tools, enable_thinking, truncate, "
+                                  f"or {', '.join(sorted(sampling_keys))}.")
+        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+            raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new!r}.",
+                                  "pass e.g. max_new_tokens=256.")
+        if truncate not in ("error", "left"):
+            raise GenerationError(f"truncate must be 'error' or 'left', got {truncate!r}.",
+                                  "use truncate='left' to drop the oldest prompt tokens.")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stops):
+            raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}.",
+                                  "pass e.g. stop=['\\n\\n'].")
+        params = SamplingParams.from_generation_config(self.generation_config, **opts).validate()
+        ids = self.prompt_tokens(prompt, tools=tools, enable_thinking=thinking)
+        ids = self._fit(ids, max_new, truncate)
+        stop_set = self.eos_token_ids | frozenset(int(t) for t in (stop_ids or []))
+        stats = Stats()
+        detok = IncrementalDetokenizer(self.tokenizer)
+        matcher = StopMatcher(stops) if stops else None
+        tokens: list[int] = []
+        parts: list[str] = []
+        finish = "length"
+        for token in generate(self.engine, ids, Sampler(params, ids), StopRule(max_new, stop_set), stats):
+            tokens.append(token)
+            piece, hit = detok.add(token), False
+            if matcher is not None:
+                piece, hit = matcher.feed(piece)
+            if piece:
+                parts.append(piece)
+                yield piece
+            if hit:
+                finish = "stop"
+                break
+        else:
+            finish = "stop" if stats.new_tokens < max_new else "length"
+        if finish == "length" or matcher is None or not matcher.stopped:
+            tail = detok.flush()
+            if matcher is not None:
+                tail, _ = matcher.feed(tail)
+                tail += "" if matcher.stopped else matcher.flush()
+            if tail:
+                parts.append(tail)
+                yield tail
+        text = "".join(parts)
+        info = stats.as_dict() | {"peak_rss_mb": round(peak_rss_mb(), 1), "provider": self.provider}
+        sink.result = Result(text=text, tokens=tokens, finish_reason=finish, stats=info)
+        if isinstance(prompt, list):
+            reply: Reply = parse_reply(text)
+            sink.result.text, sink.result.reasoning = reply.content, reply.reasoning
+            sink.result.tool_calls, sink.result.errors = reply.tool_calls, reply.errors
+
+    def _fit(self, ids: list[int], max_new: int, truncate: str) -> list[int]:
+        budget = self.context - max_new
+        if len(ids) <= budget:
+            return ids
+        if truncate == "left" and budget > 0:
+            return ids[-budget:]
+        raise ContextOverflowError(
+            f"Prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the context ({self.context}).",
+            "shorten the prompt, lower max_new_tokens, pass truncate='left', or load with a larger context=.")
+
+
+class _Sink:
+    result: Result
+
+
+class Conversation:
+    """A multi-turn chat whose KV cache persists between turns: each turn prefills only what is new."""
+
+    def __init__(self, model: Model, *, system: str | None, tools, enable_thinking):
+        self.model, self.tools, self.enable_thinking = model, tools, enable_thinking
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.last: Result | None = None
+
+    def _options(self, options: dict) -> dict:
+        return {"tools": self.tools, "enable_thinking": self.enable_thinking} | options
+
+    def stream(self, text: str, **options: Any) -> Iterator[str]:
+        self.messages.append({"role": "user", "content": text})
+        sink = _Sink()
+        yield from self.model._run(self.messages, self._options(options), sink)
+        self._record(sink.result)
+
+    def send(self, text: str, **options: Any) -> Result:
+        for _ in self.stream(text, **options):
+            pass
+        assert self.last is not None
+        return self.last
+
+    def add_tool_result(self, content: str, name: str | None = None) -> None:
+        msg = {"role": "tool", "content": content}
+        if name:
+            msg["name"] = name
+        self.messages.append(msg)
+
+    def _record(self, result: Result) -> None:
+        msg: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if result.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}} for c in result.tool_calls]
+        self.messages.append(msg)
+        self.last = result
+
+    def reset(self, system: str | None = None) -> None:
+        self.messages = [{"role": "system", "content": system}] if system else []
+        self.model.reset()
+
+
+def load(bundle: str | Path, provider: str = "auto", threads: int | None = None, context: int | None = None,
+         *, verify: bool = True, prefill_chunk: int = 512) -> Model:
+    """Load an exported bundle folder. ``verify`` checks every file's sha256 against the manifest."""
+    folder = Path(bundle)
+    manifest = load_bundle(folder, verify=verify)
+    return Model(folder, manifest, provider=provider, threads=threads, context=context, prefill_chunk=prefill_chunk)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise BundleError(f"{path.name} in the bundle is not valid JSON ({e}).", "re-export the bundle.") from e
+
+
+def _token_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok

@@ -1,0 +1,191 @@
+"""The decode loop: prefill() the prompt, then decode_one() token by token.
+
+Everything the loop touches is allocated before it starts: the KV buffers (``kv_cache.py``), the attention
+mask (a preallocated row of ones, sliced), the one-token input and the logits row. onnxruntime writes K/V
+in place through IOBinding, so a step costs one ``run_with_iobinding`` plus a few binding updates and the
+sampler. Only the last position's logits exist (the graph's lm_head is pruned), so prefill never pays for
+``prompt_len x vocab`` logits.
+
+``Engine.tokens`` mirrors what is in the cache. ``prefill`` keeps the longest common prefix between it and
+the new prompt and only runs what follows: multi-turn chat, or a client resending the whole history, costs
+only the new turn.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import Manifest
+from ..errors import ContextOverflowError, GenerationError
+from .kv_cache import KVCache
+from .sampling import Sampler
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose K/V came from the cache
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # from the call to the first generated token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def prefill_tps(self) -> float:
+        n = self.prompt_tokens - self.reused_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
+                "new_tokens": self.new_tokens, "ttft_s": round(self.ttft_s, 4),
+                "prefill_tokens_per_s": round(self.prefill_tps, 2), "decode_tokens_per_s": round(self.decode_tps, 2)}
+
+
+class Engine:
+    """One ONNX session + its KV cache + IOBinding: the state of one conversation."""
+
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, *, context: int,
+                 prefill_chunk: int = 512, kv_chunk: int = 256):
+        spec, io = manifest.spec, manifest.io
+        self.session, self.spec, self.io = session, spec, io
+        self.context = context
+        self.prefill_chunk = prefill_chunk
+        dtype = np.float16 if io.io_dtype == "float16" else np.float32
+        self.cache = KVCache(spec.num_layers, spec.kv_heads, spec.head_dim, dtype=dtype,
+                             max_capacity=context, chunk=kv_chunk)
+        self.tokens: list[int] = []  # what the cache holds
+        self.binding = session.io_binding()
+        self._bound_generation = -1
+        self._mask = np.ones((1, context), dtype=np.int64)
+        self._logits = np.zeros((1, 1, spec.vocab_size), dtype=dtype)
+        self._logits_ort = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self._step_ids = np.zeros((1, 1), dtype=np.int64)
+        self._step_ids_ort = ort.OrtValue.ortvalue_from_numpy(self._step_ids)
+        if io.logits_last_only:
+            self.binding.bind_ortvalue_output(io.logits, self._logits_ort)
+
+    def _bind_cache(self) -> None:
+        io, b = self.io, self.binding
+        for i in range(self.spec.num_layers):
+            k, v = self.cache.key_ort[i], self.cache.value_ort[i]
+            b.bind_ortvalue_input(io.past_key % i, k)
+            b.bind_ortvalue_input(io.past_value % i, v)
+            b.bind_ortvalue_output(io.present_key % i, k)
+            b.bind_ortvalue_output(io.present_value % i, v)
+        self._bound_generation = self.cache.generation
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` ([1, n]) after the cached tokens; return the last position's logits row (float32)."""
+        n = ids.shape[1]
+        total = self.cache.length + n
+        if self.cache.ensure(total) or self._bound_generation != self.cache.generation:
+            self._bind_cache()
+        b = self.binding
+        if n == 1:
+            self._step_ids[0, 0] = ids[0, 0]
+            b.bind_ortvalue_input(self.io.input_ids, self._step_ids_ort)
+        else:
+            b.bind_cpu_input(self.io.input_ids, ids)
+        b.bind_cpu_input(self.io.attention_mask, self._mask[:, :total])
+        if not self.io.logits_last_only:
+            b.bind_output(self.io.logits, "cpu")
+        self.session.run_with_iobinding(b)
+        self.cache.length = total
+        if self.io.logits_last_only:
+            row = self._logits[0, 0]
+        else:
+            row = b.get_outputs()[0].numpy()[0, -1]
+        return row.astype(np.float32, copy=False)
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.tokens = []
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def prefill(engine: Engine, tokens: Sequence[int], stats: Stats | None = None) -> np.ndarray:
+    """Bring the cache to ``tokens`` (reusing the common prefix) and return the next-token logits."""
+    if not tokens:
+        raise GenerationError("The prompt is empty.", "pass at least one token or a non-empty prompt.")
+    if len(tokens) > engine.context:
+        raise ContextOverflowError(f"The prompt has {len(tokens)} tokens; this model's context is "
+                                   f"{engine.context}.", "shorten the prompt, or load with a larger context=.")
+    keep = min(common_prefix(engine.tokens, tokens), len(tokens) - 1)  # at least one token must run
+    engine.cache.rewind(keep)
+    engine.tokens = list(tokens[:keep])
+    t0 = time.perf_counter()
+    logits = None
+    for start in range(keep, len(tokens), engine.prefill_chunk):
+        chunk = tokens[start : start + engine.prefill_chunk]
+        logits = engine._forward(np.asarray([chunk], dtype=np.int64))
+        engine.tokens.extend(chunk)
+    if stats is not None:
+        stats.prompt_tokens, stats.reused_tokens = len(tokens), keep
+        stats.prefill_s = time.perf_counter() - t0
+    return logits
+
+
+def decode_one(engine: Engine, token: int) -> np.ndarray:
+    """Append one token to the cache and return the logits for the one after it."""
+    if engine.cache.length + 1 > engine.context:
+        raise ContextOverflowError(f"The conversation reached the context length ({engine.context} tokens).",
+                                   "start a new conversation, or load with a larger context=.")
+    logits = engine._forward(np.asarray([[token]], dtype=np.int64))
+    engine.tokens.append(token)
+    return logits
+
+
+@dataclass
+class StopRule:
+    max_new_tokens: int = 256
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: StopRule,
+             stats: Stats | None = None) -> Iterator[int]:
+    """Yield generated token ids; stops on a stop token (not yielded) or after max_new_tokens.
+
+    The caller may stop iterating at any time (stop strings, a disconnected client): the cache then holds
+    exactly the tokens it has seen, so the next prefill reuses them.
+    """
+    stats = stats if stats is not None else Stats()
+    if len(prompt) + rule.max_new_tokens > engine.context:
+        raise ContextOverflowError(
+            f"Prompt ({len(prompt)} tokens) + max_new_tokens ({rule.max_new_tokens}) exceeds the context "
+            f"length ({engine.context}).", "lower max_new_tokens, shorten the prompt, or load with a larger "
+            "context= (up to the bundle's context length), or pass truncate='left'.")
+    t0 = time.perf_counter()
+    logits = prefill(engine, prompt, stats)
+    t_decode = 0.0
+    for i in range(rule.max_new_tokens):
+        token = sampler.pick(logits)
+        if i == 0:
+            stats.ttft_s = time.perf_counter() - t0
+        if token in rule.stop_token_ids:
+            break
+        sampler.observe(token)
+        stats.new_tokens += 1
+        yield token
+        if i + 1 == rule.max_new_tokens:
+            break
+        t1 = time.perf_counter()
+        logits = decode_one(engine, token)
+        t_decode += time.perf_counter() - t1
+        stats.decode_s, stats.decode_steps = t_decode, stats.decode_steps + 1

@@ -1,0 +1,93 @@
+"""Choosing an execution provider and building the onnxruntime session.
+
+"auto" walks the bundle profile's provider list and takes the first one this onnxruntime build offers;
+asking for a provider the installed wheel lacks falls back to CPU with one warning line naming the
+package that brings it, because on a board the usual cause is having installed plain ``onnxruntime``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..errors import ProviderError
+from ..profiles import PROVIDER_NAMES, PROVIDER_PACKAGES
+
+# Contrib ops of the "fast" graph; providers that lack them would silently fall back op by op to the CPU.
+FAST_GRAPH_PROVIDERS = {"cpu", "cuda", "dml", "webgpu"}
+
+
+@dataclass
+class SessionChoice:
+    provider: str  # short name actually used
+    ort_providers: list
+    threads: int
+
+
+def _short(name: str) -> str:
+    name = name.lower()
+    for short, full in PROVIDER_NAMES.items():
+        if name in (short, full.lower()):
+            return short
+    raise ProviderError(f"Unknown execution provider {name!r}.",
+                        f"use one of: auto, {', '.join(PROVIDER_NAMES)}.")
+
+
+def choose_provider(requested: str, profile: dict, backend: str) -> str:
+    """Resolve "auto" or a short name to a provider this onnxruntime build can run, with a CPU fallback."""
+    available = set(ort.get_available_providers())
+    order = list(profile.get("providers") or ["cpu"])
+    if requested == "auto":
+        for p in order:
+            if PROVIDER_NAMES.get(p) in available:
+                return p
+        return "cpu"
+    p = _short(requested)
+    if backend == "fast" and p not in FAST_GRAPH_PROVIDERS:
+        raise ProviderError(
+            f"This bundle's graph uses onnxruntime contrib ops (GroupQueryAttention, MatMulNBits) that the {p} "
+            "execution provider cannot run.",
+            "export with a portable profile (e.g. --device apple-silicon or android-arm64) for that provider, "
+            "or run this bundle with provider='cpu'.")
+    if PROVIDER_NAMES[p] not in available:
+        pkg = PROVIDER_PACKAGES.get(p, "onnxruntime")
+        warnings.warn(f"edgeqwen: {PROVIDER_NAMES[p]} is not in this onnxruntime build; running on CPU "
+                      f"(install {pkg} to use {p}).", RuntimeWarning, stacklevel=3)
+        return "cpu"
+    return p
+
+
+def physical_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS / Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def create_session(model_path: Path, provider: str, *, threads: int | None, profile: dict) -> tuple:
+    """Build the InferenceSession; returns (session, SessionChoice)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    n = threads or profile.get("threads") or physical_cores()
+    opts.intra_op_num_threads = int(n)
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    # Weights are read from the external data file once; letting ORT keep its own copy of prepacked
+    # weights only is what keeps resident memory near the bundle size.
+    opts.add_session_config_entry("session.use_env_allocators", "1")
+    provider_opts = (profile.get("provider_options") or {}).get(provider, {})
+    providers: list = [(PROVIDER_NAMES[provider], {k: str(v) for k, v in provider_opts.items()})]
+    if provider != "cpu":
+        providers.append("CPUExecutionProvider")
+    try:
+        sess = ort.InferenceSession(str(model_path), sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types; turn them into one clear message
+        raise ProviderError(f"onnxruntime could not load {model_path.name} on {provider}: {str(e).strip()[:400]}",
+                            "check that the bundle is complete and onnxruntime is >= 1.20; re-export if needed."
+                            ) from e
+    return sess, SessionChoice(provider=provider, ort_providers=sess.get_providers(), threads=int(n))
