@@ -222,8 +222,15 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
     plan = QuantPlan(precision=profile.precision, algo=profile.quant_algo, block_size=profile.block_size,
                      accuracy_level=profile.accuracy_level, gguf_mode=profile.gguf_mode,
                      embed_bits=4 if profile.precision == "int4" else 8,
-                     lm_head_bits=4 if profile.precision == "int4" else 8)
-    coder = float_coder(plan)
+                     lm_head_bits=4 if profile.precision == "int4" else 8,
+                     # attention is ~12% of the weights but most of int4's damage (measured, benchmarks/README)
+                     eight_bit=("attn.",) if profile.precision == "int4" else ())
+    importance = None
+    if plan.algo == "k_quant":
+        from .calibrate import input_importance
+
+        importance = input_importance(src.hf_dir)
+    coder = float_coder(plan, importance)
     method = "float"
     if src.gguf_path is not None:
         from .gguf_repack import gguf_coder
@@ -231,7 +238,7 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
         coder, method = gguf_coder(src.gguf_path, plan, fallback=coder), "gguf"
     report = quantize_graph(model, weights, plan, coder, progress=lambda it: stages.bar(it, "nodes", "node"))
     save_with_external_data(model, dest)
-    return {"plan": plan.to_dict(), "source_weights": method, "summary": report.summary(),
+    return {"plan": plan.to_dict(), "source_weights": method, "calibrated": importance is not None, "summary": report.summary(),
             "tensors": report.tensors}
 
 

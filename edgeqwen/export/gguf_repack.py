@@ -34,6 +34,7 @@ from .blockquant import BlockQuantized, quantize_fitted
 from .quantize import QuantPlan, WeightCoder
 
 EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q6_K")
+SENSITIVE = ("Q6_K", "Q8_0")
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -158,8 +159,10 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
         names = gguf_names(name, g.tensors)
         types = [g.type_name(n) for n in names] if names and all(n in g.tensors for n in names) else []
         faithful = plan.gguf_mode == "faithful"
-        exact_ok = types and all(t in DECODERS for t in types) and (
-            faithful or all(t == "Q4_0" for t in types))
+        # fast mode still copies exactly what the GGUF itself kept at >= 6 bits (Q6_K, Q8_0): llama.cpp's
+        # mixes (Q4_K_M, ...) put those types on the tensors its measurements found sensitive
+        keep = faithful or all(t == "Q4_0" for t in types) or (bits == 8 or all(t in SENSITIVE for t in types))
+        exact_ok = types and all(t in DECODERS for t in types) and keep
         if exact_ok:
             bq = concat_rows([DECODERS[t](g.rows(n)) for t, n in zip(types, names)])
             # guard against a name/layout mismatch: the exact codes must reproduce the float weights

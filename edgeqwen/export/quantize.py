@@ -37,6 +37,13 @@ class QuantPlan:
     embed_bits: int | None = 4  # None keeps the embedding table in float
     lm_head_bits: int | None = 4
     gguf_mode: str = "fast"  # fast | faithful: used only when the source is a GGUF file
+    # One 8-bit matrix serves as both embedding table and lm_head when the two are the same weights (tied,
+    # or untied copies that differ only by quantization noise, as in GGUF files made from tied checkpoints).
+    share_embeddings: bool = True
+    shared_bits: int = 8
+    tie_tolerance: float = 0.08  # max relative Frobenius difference to treat embed and lm_head as one matrix
+    # Mixed precision: weights whose name contains one of these stay at 8 bits in an int4 bundle.
+    eight_bit: tuple[str, ...] = ()
 
     @property
     def body_bits(self) -> int | None:
@@ -53,6 +60,7 @@ class QuantReport:
     tensors: dict[str, dict] = field(default_factory=dict)
     float_bytes: int = 0
     quant_bytes: int = 0
+    tied: dict | None = None  # set when embedding and lm_head share one quantized matrix
 
     def add(self, name: str, how: str, bq: BlockQuantized, float_bytes: int) -> None:
         self.tensors[name] = {"how": how, "bits": bq.bits, "block_size": bq.block_size, "shape": [bq.n, bq.k]}
@@ -64,7 +72,7 @@ class QuantReport:
         for t in self.tensors.values():
             key = f"{t['how']}/{t['bits']}bit"
             hows[key] = hows.get(key, 0) + 1
-        return {"tensors": len(self.tensors), "by_method": hows,
+        return {"tensors": len(self.tensors), "by_method": hows, "shared_embeddings": self.tied,
                 "float_mb": round(self.float_bytes / 2**20, 1), "quant_mb": round(self.quant_bytes / 2**20, 1)}
 
 
@@ -72,9 +80,14 @@ class QuantReport:
 WeightCoder = Callable[[str, np.ndarray, int, str], tuple[BlockQuantized, str]]
 
 
-def float_coder(plan: QuantPlan) -> WeightCoder:
+def float_coder(plan: QuantPlan, importance: dict[str, np.ndarray] | None = None) -> WeightCoder:
+    """Quantize the float weights with the plan's algorithm, weighted by calibration importance if given."""
+    importance = importance or {}
+
     def code(name: str, w_nk: np.ndarray, bits: int, role: str) -> tuple[BlockQuantized, str]:
-        return quantize(w_nk, bits, plan.block_size, plan.algo), plan.algo
+        imp = importance.get(name) if plan.algo == "k_quant" else None
+        how = plan.algo + ("+imatrix" if imp is not None else "")
+        return quantize(w_nk, bits, plan.block_size, plan.algo, imp), how
 
     return code
 
@@ -153,6 +166,40 @@ def _gather_block_quantized(node: onnx.NodeProto, bq: BlockQuantized, wname: str
     return new, inits
 
 
+def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQuantized, wname: str,
+                      accuracy_level: int) -> tuple:
+    """lm_head MatMulNBits + embedding GatherBlockQuantized reading one codes initializer.
+
+    The codes are stored once as MatMulNBits wants them ([V, K_blocks, blob]); the gather reads the same
+    3-D tensor with quantize_axis=2 and a Reshape back to [..., hidden]. Scales/zero points are small and
+    exist in both shapes.
+    """
+    head, inits = _matmul_nbits(matmul, bq, wname, accuracy_level)
+    codes = head.input[1]
+    base = "model.embed_tokens.shared"
+    s, z, shape = f"{base}.scales", f"{base}.qzeros", f"{base}.shape"
+    inits = inits + [
+        numpy_helper.from_array(bq.scales.reshape(bq.n, bq.k_blocks, 1), s),
+        numpy_helper.from_array(bq.packed_zero_points().reshape(bq.n, -1, 1), z),
+        numpy_helper.from_array(np.array([0, 0, bq.k], np.int64), shape),
+    ]
+    out = gather.output[0]
+    gbq = helper.make_node("GatherBlockQuantized", [codes, gather.input[1], s, z], [out + "/blocks"],
+                           name=gather.name + "BlockQuantizedShared", domain=MS_DOMAIN, gather_axis=0,
+                           quantize_axis=2, block_size=bq.block_size, bits=bq.bits)
+    reshape = helper.make_node("Reshape", [out + "/blocks", shape], [out], name=gather.name + "/Reshape")
+    return [gbq, reshape], head, inits
+
+
+def _tie_candidates(graph: onnx.GraphProto, weights: "ExternalWeights"):
+    """The embedding Gather and lm_head MatMul nodes, if the graph has both with float initializers."""
+    gather = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in weights
+                   and _role(n.input[0]) == "embed"), None)
+    head = next((n for n in graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights
+                 and _role(n.input[1]) == "lm_head"), None)
+    return gather, head
+
+
 def quantize_graph(
     model: onnx.ModelProto,
     weights: ExternalWeights,
@@ -170,11 +217,31 @@ def quantize_graph(
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     replaced: set[str] = set()
+    shared: dict[str, list[onnx.NodeProto]] = {}
+    gather, head = _tie_candidates(graph, weights)
+    if plan.share_embeddings and gather is not None and head is not None:
+        emb, lm = weights.array(gather.input[0]), weights.array(head.input[1])  # [V, H] and [H, V]
+        if emb.shape == lm.shape[::-1] and emb.shape[1] % plan.block_size == 0:
+            lm_nk = np.ascontiguousarray(lm.T)
+            diff = float(np.linalg.norm(emb - lm_nk) / max(float(np.linalg.norm(lm_nk)), 1e-30))
+            if diff <= plan.tie_tolerance:
+                bq, how = coder(head.input[1], lm_nk, plan.shared_bits, "lm_head")
+                nodes, head_node, inits = _shared_embedding(gather, head, bq, head.input[1], plan.accuracy_level)
+                shared[gather.name], shared[head.name] = nodes, [head_node]
+                report.add(head.input[1], how + f"+shared-embedding(diff {diff:.3f})", bq, lm.nbytes + emb.nbytes)
+                replaced |= {gather.input[0], head.input[1]}
+                new_inits.extend(inits)
+                report.tied = {"relative_difference": round(diff, 4), "bits": bq.bits}
     for node in progress(list(graph.node)):
+        if node.name in shared:
+            new_nodes.extend(shared[node.name])
+            continue
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in weights:
             wname = node.input[1]
             role = _role(wname)
             bits = plan.lm_head_bits if role == "lm_head" else plan.body_bits
+            if bits is not None and any(p in wname for p in plan.eight_bit):
+                bits = 8
             w = weights.array(wname)
             if bits is None or w.ndim != 2 or w.shape[0] % plan.block_size:
                 new_nodes.append(node)
