@@ -29,7 +29,18 @@ DEFAULT_MAX_NEW_TOKENS = 512
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process (what a board's OOM killer looks at)."""
+    """Peak resident memory of this process (what a board's OOM killer looks at).
+
+    On Linux this reads VmHWM: unlike getrusage's ru_maxrss it is not inherited from a large parent across
+    fork+exec, so a runtime started from a big process (a test runner, a server) reports its own peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
@@ -73,6 +84,7 @@ class Model:
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         self.template = (ChatTemplate(template, bos_token=_token_str(tok_cfg.get("bos_token")),
                                       eos_token=_token_str(tok_cfg.get("eos_token"))) if template else None)
+        self.last_result: Result | None = None  # the most recent generate/stream call's result
         eos = self.generation_config.get("eos_token_id", spec.eos_token_ids)
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [eos]) | frozenset(spec.eos_token_ids)
 
@@ -187,6 +199,7 @@ class Model:
             reply: Reply = parse_reply(text)
             sink.result.text, sink.result.reasoning = reply.content, reply.reasoning
             sink.result.tool_calls, sink.result.errors = reply.tool_calls, reply.errors
+        self.last_result = sink.result
 
     def _fit(self, ids: list[int], max_new: int, truncate: str) -> list[int]:
         budget = self.context - max_new
@@ -214,13 +227,15 @@ class Conversation:
     def _options(self, options: dict) -> dict:
         return {"tools": self.tools, "enable_thinking": self.enable_thinking} | options
 
-    def stream(self, text: str, **options: Any) -> Iterator[str]:
-        self.messages.append({"role": "user", "content": text})
+    def stream(self, text: str | None, **options: Any) -> Iterator[str]:
+        """Add a user turn (``None``: answer what is there, e.g. after tool results) and stream the reply."""
+        if text is not None:
+            self.messages.append({"role": "user", "content": text})
         sink = _Sink()
         yield from self.model._run(self.messages, self._options(options), sink)
         self._record(sink.result)
 
-    def send(self, text: str, **options: Any) -> Result:
+    def send(self, text: str | None, **options: Any) -> Result:
         for _ in self.stream(text, **options):
             pass
         assert self.last is not None

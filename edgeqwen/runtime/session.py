@@ -77,9 +77,6 @@ def create_session(model_path: Path, provider: str, *, threads: int | None, prof
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
-    # Weights are read from the external data file once; letting ORT keep its own copy of prepacked
-    # weights only is what keeps resident memory near the bundle size.
-    opts.add_session_config_entry("session.use_env_allocators", "1")
     provider_opts = (profile.get("provider_options") or {}).get(provider, {})
     providers: list = [(PROVIDER_NAMES[provider], {k: str(v) for k, v in provider_opts.items()})]
     if provider != "cpu":

@@ -1,0 +1,229 @@
+"""Command line: argument parsing and printing only; every verb calls a library function.
+
+``EdgeQwenError`` becomes one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+The export verbs import the heavy stack lazily, so ``edgeqwen run`` works on a board with the lean install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import EdgeQwenError
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def cmd_models(args) -> int:
+    from .catalog import DEFAULT_ALIAS, edgeqwen_home, list_models
+
+    entries = list_models()
+    if args.json:
+        _print_json([{"alias": e.alias, "family": e.family, "arch": e.arch, "params": e.params,
+                      "license": e.license, "hub_id": e.hub_id, "sha256": e.sha256, "size": e.size,
+                      "offline_mirror": bool(e.mirror)} for e in entries])
+        return 0
+    print(f"{'alias':32} {'arch':6} {'params':6} {'size':>9}  {'license':11} source")
+    for e in entries:
+        src = "PyPI mirror (offline)" if e.mirror else e.hub_id
+        star = " (default)" if e.alias == DEFAULT_ALIAS else ""
+        print(f"{e.alias:32} {e.arch:6} {e.params:6} {e.size / 2**20:7.0f}MB  {e.license:11} {src}{star}")
+    print(f"\ncache: {edgeqwen_home()}  (set EDGEQWEN_HOME to move it)")
+    print("Also accepted by `edgeqwen export`: a Hugging Face hub id, a local HF folder, a local .gguf file.")
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .profiles import list_profiles, load_profile
+
+    if args.name:
+        p = load_profile(args.name)
+        _print_json(p.to_dict())
+        return 0
+    rows = [load_profile(n) for n in list_profiles()]
+    if args.json:
+        _print_json([r.to_dict() for r in rows])
+        return 0
+    print(f"{'name':18} {'backend':8} {'prec':5} {'providers':14} {'ctx':>6} {'RAM MB':>7}  description")
+    for p in rows:
+        print(f"{p.name:18} {p.backend:8} {p.precision:5} {','.join(p.providers):14} {p.context:6d} "
+              f"{p.ram_budget_mb:7d}  {p.description[:60]}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    result = export(args.model, args.device, args.output, precision=args.precision, quant_algo=args.quant_algo,
+                    block_size=args.block_size, context=args.context, gguf_mode=args.gguf_mode, force=args.force,
+                    verify=not args.no_verify, progress=not args.json, threads=args.threads)
+    summary = result.summary()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"bundle: {summary['bundle']}  ({summary['size_mb']} MB, {summary['precision']}, "
+              f"context {summary['context']})")
+        ver = summary.get("verification") or {}
+        if ver:
+            print(f"verification: top-1 agreement {ver['agreement']:.1%}, worst perplexity ratio "
+                  f"{ver['worst_perplexity_ratio']:.3f} -> {'passed' if ver['passed'] else 'FAILED'}")
+        print(f"next: edgeqwen run {summary['bundle']} \"Write a haiku about the sea\"")
+    return 0
+
+
+def _gen_options(args) -> dict:
+    opts = {"max_new_tokens": args.max_new_tokens}
+    for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            opts[key] = value
+    if args.stop:
+        opts["stop"] = args.stop
+    return opts
+
+
+def _print_stats(stats: dict) -> None:
+    print(f"\n[ttft {stats['ttft_s'] * 1000:.0f} ms | prefill {stats['prefill_tokens_per_s']:.1f} tok/s | "
+          f"decode {stats['decode_tokens_per_s']:.1f} tok/s | {stats['new_tokens']} tokens | "
+          f"reused {stats['reused_tokens']} | peak RSS {stats['peak_rss_mb']:.0f} MB | {stats['provider']}]",
+          file=sys.stderr)
+
+
+def _load(args):
+    from . import runtime
+
+    return runtime.load(args.bundle, provider=args.provider, threads=args.threads, context=args.context)
+
+
+def cmd_run(args) -> int:
+    model = _load(args)
+    prompt: Any = args.prompt
+    if not args.raw:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}]
+    options = _gen_options(args)
+    pieces = model.stream(prompt, **options)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print()
+    if args.stats and model.last_result is not None:
+        _print_stats(model.last_result.stats)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model = _load(args)
+    conv = model.chat(system=args.system)
+    options = _gen_options(args)
+    print("edgeqwen chat — /reset, /system TEXT, /stats, /quit", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip() == "/reset":
+            conv.reset(args.system)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            args.system = line[len("/system"):].strip() or None
+            conv.reset(args.system)
+            print("(new system prompt; conversation cleared)", file=sys.stderr)
+            continue
+        if line.strip() == "/stats":
+            if conv.last is not None:
+                _print_stats(conv.last.stats)
+            continue
+        for piece in conv.stream(line, **options):
+            print(piece, end="", flush=True)
+        print()
+        if args.stats and conv.last is not None:
+            _print_stats(conv.last.stats)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
+    p.add_argument("--provider", default="auto", help="auto | cpu | cuda | dml | coreml (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the profile's)")
+    p.add_argument("--context", type=int, default=None, help="max context tokens (<= the bundle's)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: bundle's config)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tokens/s and peak memory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeqwen", description="Qwen on edge devices: export and run.")
+    parser.add_argument("--version", action="version", version=f"edgeqwen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the model catalog")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("devices", help="list device profiles, or show one resolved")
+    p.add_argument("action", nargs="?", choices=["show"], help="show NAME")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("export", help="export a model into a bundle for a device")
+    p.add_argument("model", help="catalog alias, HF hub id, local HF folder, or .gguf file")
+    p.add_argument("--device", default="host", help="profile name or path to a .toml (default: host)")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    p.add_argument("--precision", choices=["int4", "int8", "fp16", "fp32"])
+    p.add_argument("--quant-algo", choices=["rtn", "k_quant", "hqq", "gptq"])
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--context", type=int)
+    p.add_argument("--gguf-mode", choices=["fast", "faithful"], help="GGUF sources: int4 fitted or exact 8-bit")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--no-verify", action="store_true", help="skip the comparison with the float source")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="stream an answer to one prompt")
+    _add_runtime_args(p)
+    p.add_argument("prompt")
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat (REPL)")
+    _add_runtime_args(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "devices" and args.action == "show" and not args.name:
+        print("edgeqwen: error: `devices show` needs a profile name.", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except EdgeQwenError as e:
+        print(f"edgeqwen: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nedgeqwen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""GGUF repacking: our block decoders against the gguf package's reference dequantizer, and the coder that
+chooses between copying GGUF codes exactly and fitting them (run on small GGUF files written here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize as gguf_dequantize
+
+from edgeqwen.export.blockquant import BlockQuantized
+from edgeqwen.export.gguf_repack import (
+    DECODERS,
+    EXACT_TYPES,
+    concat_rows,
+    gguf_coder,
+    gguf_names,
+    with_block_size,
+)
+from edgeqwen.export.quantize import QuantPlan
+
+# byte offset of the float16 super-block scale(s) of each type, so random blocks get sane, finite scales
+SCALE_OFFSETS = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2)}
+
+
+def random_blocks(type_name: str, rows: int, k: int, seed: int) -> np.ndarray:
+    """uint8 [rows, bytes]: random codes with float16 scales in a realistic range (both signs)."""
+    qtype = GGMLQuantizationType[type_name]
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    assert k % block == 0
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, k // block, nbytes), dtype=np.uint8)
+    for off in SCALE_OFFSETS[type_name]:
+        d = (rng.uniform(0.002, 0.05, size=(rows, k // block)) * rng.choice([-1, 1], (rows, k // block)))
+        raw[..., off : off + 2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def reference(raw: np.ndarray, type_name: str) -> np.ndarray:
+    return gguf_dequantize(raw, GGMLQuantizationType[type_name]).astype(np.float32)
+
+
+@pytest.mark.parametrize("type_name", EXACT_TYPES)
+def test_decoders_match_the_gguf_reference_bit_for_bit(type_name: str) -> None:
+    raw = random_blocks(type_name, rows=6, k=512, seed=hash(type_name) % 1000)
+    bq = DECODERS[type_name](raw)
+    expected = reference(raw, type_name)
+    assert expected.shape == (6, 512) and np.all(np.isfinite(expected))
+    assert bq.k == 512 and bq.q.shape == (6, 512)
+    assert np.array_equal(bq.dequantize(), expected)
+
+
+def test_decoded_codes_fit_their_declared_width() -> None:
+    for type_name, (bits, block) in {"Q4_0": (4, 32), "Q5_0": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16)}.items():
+        bq = DECODERS[type_name](random_blocks(type_name, 3, 256, seed=1))
+        assert (bq.bits, bq.block_size) == (bits, block), type_name
+        assert int(bq.q.max()) < 2**bits
+        # Q5_0 and Q6_K use only the low 5/6 bits of their 8-bit codes
+        if type_name == "Q5_0":
+            assert int(bq.q.max()) < 32 and set(np.unique(bq.zero_points)) == {16}
+        if type_name == "Q6_K":
+            assert int(bq.q.max()) < 64 and set(np.unique(bq.zero_points)) == {32}
+
+
+def test_with_block_size_splits_blocks_without_changing_values() -> None:
+    bq = DECODERS["Q8_0"](random_blocks("Q8_0", 4, 128, seed=2))
+    split = with_block_size(bq, 16)
+    assert split.block_size == 16 and split.scales.shape == (4, 8) and split.zero_points.shape == (4, 8)
+    assert np.array_equal(split.dequantize(), bq.dequantize())
+    assert with_block_size(bq, 32) is bq
+
+
+def test_concat_rows_stacks_parts_at_the_smallest_block() -> None:
+    q6 = DECODERS["Q6_K"](random_blocks("Q6_K", 3, 256, seed=3))
+    q8 = DECODERS["Q8_0"](random_blocks("Q8_0", 2, 256, seed=4))
+    q5 = DECODERS["Q5_0"](random_blocks("Q5_0", 5, 256, seed=5))
+    both = concat_rows([q8, q6, q5])
+    assert both.bits == 8 and both.block_size == 16 and both.n == 10 and both.k == 256
+    expected = np.concatenate([q8.dequantize(), q6.dequantize(), q5.dequantize()])
+    assert np.array_equal(both.dequantize(), expected)
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+
+def test_gguf_names_maps_the_builder_graph_to_gguf_tensors() -> None:
+    untied = {"token_embd.weight": 0, "output.weight": 0}
+    tied = {"token_embd.weight": 0}
+    assert gguf_names("model.embed_tokens.weight", untied) == ["token_embd.weight"]
+    assert gguf_names("lm_head.MatMul.weight", untied) == ["output.weight"]
+    assert gguf_names("lm_head.MatMul.weight", tied) == ["token_embd.weight"]
+    assert gguf_names("model.layers.3.attn.qkv_proj.MatMul.weight", tied) == [
+        "blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.attn_v.weight"]
+    assert gguf_names("model.layers.0.attn.o_proj.MatMul.weight", tied) == ["blk.0.attn_output.weight"]
+    assert gguf_names("model.layers.12.mlp.gate_up_proj.MatMul.weight", tied) == [
+        "blk.12.ffn_gate.weight", "blk.12.ffn_up.weight"]
+    assert gguf_names("model.layers.1.mlp.down_proj.MatMul.weight", tied) == ["blk.1.ffn_down.weight"]
+    assert gguf_names("model.layers.1.mlp.rotary.MatMul.weight", tied) is None
+    assert gguf_names("something.else", tied) is None
+
+
+# ------------------------------------------------------------------------------------------- the coder
+
+HIDDEN = 256  # one Q6_K/Q4_K super-block per row
+
+
+def write_gguf(path: Path, tensors: dict[str, tuple[str, np.ndarray]]) -> Path:
+    """tensors: name -> (type name, raw uint8 [rows, bytes] or float32 [rows, K])."""
+    writer = GGUFWriter(str(path), "qwen2")
+    for name, (type_name, data) in tensors.items():
+        if type_name == "F32":
+            writer.add_tensor(name, data.astype(np.float32))
+        else:
+            writer.add_tensor(name, data, raw_dtype=GGMLQuantizationType[type_name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def gguf_file(tmp_path: Path):
+    """A GGUF with one attention block (q/k/v in different exact types), one Q4_0, one Q4_K and an F32."""
+    raw = {
+        "blk.0.attn_q.weight": ("Q6_K", random_blocks("Q6_K", 8, HIDDEN, seed=10)),
+        "blk.0.attn_k.weight": ("Q8_0", random_blocks("Q8_0", 4, HIDDEN, seed=11)),
+        "blk.0.attn_v.weight": ("Q5_0", random_blocks("Q5_0", 4, HIDDEN, seed=12)),
+        "blk.0.attn_output.weight": ("Q4_0", random_blocks("Q4_0", 8, HIDDEN, seed=13)),
+        "blk.0.ffn_up.weight": ("Q4_K", random_blocks("Q4_K", 16, HIDDEN, seed=14)),
+        "blk.0.ffn_down.weight": ("F32", np.random.default_rng(15).normal(0, 0.05, (8, HIDDEN))),
+    }
+    path = write_gguf(tmp_path / "tiny.gguf", raw)
+    floats = {name: (data.astype(np.float32) if t == "F32" else reference(data, t)) for name, (t, data) in raw.items()}
+    return path, floats
+
+
+def never(*args):  # the fallback coder must not be reached where the GGUF codes are copied
+    raise AssertionError(f"fallback coder called for {args[0]}")
+
+
+def recording_fallback(calls: list):
+    def code(name, w_nk, bits, role):
+        calls.append((name, bits, role))
+        return BlockQuantized(np.zeros(w_nk.shape, np.uint8), np.ones((w_nk.shape[0], 1), np.float32),
+                              np.zeros((w_nk.shape[0], 1), np.uint8), bits, w_nk.shape[1], w_nk.shape[1]), "stub"
+
+    return code
+
+
+QKV = "model.layers.0.attn.qkv_proj.MatMul.weight"
+O_PROJ = "model.layers.0.attn.o_proj.MatMul.weight"
+UP = "model.layers.0.mlp.up_proj.MatMul.weight"
+DOWN = "model.layers.0.mlp.down_proj.MatMul.weight"
+
+
+def test_faithful_copies_exact_types_bit_for_bit(gguf_file) -> None:
+    path, floats = gguf_file
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="faithful"), fallback=never)
+    w_qkv = np.concatenate([floats[f"blk.0.attn_{p}.weight"] for p in "qkv"])
+    bq, how = code(QKV, w_qkv, 4, "body")
+    assert how == "gguf-exact:Q5_0+Q6_K+Q8_0"
+    assert bq.bits == 8 and bq.block_size == 16 and bq.n == 16
+    assert np.array_equal(bq.dequantize(), w_qkv)
+    bq, how = code(O_PROJ, floats["blk.0.attn_output.weight"], 4, "body")
+    assert how == "gguf-exact:Q4_0" and bq.bits == 4 and bq.block_size == 32
+    assert np.array_equal(bq.dequantize(), floats["blk.0.attn_output.weight"])
+
+
+def test_faithful_fits_inexact_types_at_8_bits_with_bounded_error(gguf_file) -> None:
+    path, floats = gguf_file
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="faithful", block_size=32), fallback=never)
+    for name, gguf_name, type_name in ((UP, "blk.0.ffn_up.weight", "Q4_K"), (DOWN, "blk.0.ffn_down.weight", "F32")):
+        w = floats[gguf_name]
+        bq, how = code(name, w, 4, "body")
+        assert how == f"gguf-fit8:{type_name}"
+        assert bq.bits == 8 and bq.block_size == 32
+        blocks = w.reshape(w.shape[0], -1, 32)
+        # the grid spans the block's values and zero (an integer zero point must be representable)
+        span = (np.maximum(blocks.max(-1), 0) - np.minimum(blocks.min(-1), 0))[..., None]
+        err = np.abs(bq.dequantize() - w).reshape(blocks.shape)
+        # 8-bit steps are 1/255 of the span; the range search may clip an outlier by about a step more
+        assert np.all(err <= 2 * span / 255 + 1e-7), type_name
+        assert np.sqrt(np.mean(err**2) / np.mean(w**2)) < 1 / 128, type_name  # a 4-bit fit is ~10x worse
+
+
+def test_fast_mode_copies_q4_0_and_sensitive_types_and_refits_the_rest(gguf_file) -> None:
+    path, floats = gguf_file
+    calls: list = []
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="fast"), fallback=recording_fallback(calls))
+    bq, how = code(O_PROJ, floats["blk.0.attn_output.weight"], 4, "body")
+    assert how == "gguf-exact:Q4_0" and bq.bits == 4
+    # Q4_K has no exact form: fast mode hands it to the plan's coder at the plan's bits
+    bq, how = code(UP, floats["blk.0.ffn_up.weight"], 4, "body")
+    assert how == "stub:Q4_K" and calls == [(UP, 4, "body")]
+    # a mixed pack with a 5-bit part is neither all-Q4_0 nor all-sensitive: refit at 4 bits
+    w_qkv = np.concatenate([floats[f"blk.0.attn_{p}.weight"] for p in "qkv"])
+    bq, how = code(QKV, w_qkv, 4, "body")
+    assert how == "stub:Q5_0+Q6_K+Q8_0" and calls[-1] == (QKV, 4, "body")
+
+
+def test_mismatched_weights_are_not_copied(gguf_file) -> None:
+    """The guard: codes that do not reproduce the graph's float weights (name/layout mismatch) are refit."""
+    path, floats = gguf_file
+    calls: list = []
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="fast"), fallback=recording_fallback(calls))
+    wrong = floats["blk.0.attn_output.weight"][::-1].copy()  # rows in the wrong order
+    bq, how = code(O_PROJ, wrong, 4, "body")
+    assert how == "stub:Q4_0" and calls == [(O_PROJ, 4, "body")]
+
+
+def test_names_missing_from_the_gguf_go_to_the_fallback(gguf_file) -> None:
+    path, floats = gguf_file
+    calls: list = []
+    code = gguf_coder(path, QuantPlan(precision="int8", gguf_mode="fast"), fallback=recording_fallback(calls))
+    w = np.zeros((8, HIDDEN), np.float32)
+    bq, how = code("model.layers.5.mlp.down_proj.MatMul.weight", w, 8, "body")
+    assert how == "stub:?" and calls == [("model.layers.5.mlp.down_proj.MatMul.weight", 8, "body")]

@@ -1,0 +1,138 @@
+"""The float graph the builder writes (via exported fp32 bundles of the tiny models), and genai_config edits."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from safetensors.numpy import load_file
+
+from edgeqwen.bundle import read_manifest
+from edgeqwen.errors import ExportError
+from edgeqwen.export.graph import adjust_genai_config, build_fast_graph
+
+LAYERS = 2
+LINEARS_PER_LAYER = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def graph_of(bundle: Path, external: bool = False) -> onnx.ModelProto:
+    return onnx.load(str(bundle / "model.onnx"), load_external_data=external)
+
+
+def dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("kind", ["qwen2_tied", "qwen2_untied", "qwen3"])
+def test_fast_float_graph_uses_the_fused_contrib_ops(fp32_bundles, kind: str) -> None:
+    model = graph_of(fp32_bundles[kind])
+    ops = Counter(n.op_type for n in model.graph.node)
+    inits = {t.name for t in model.graph.initializer}
+    assert ops["GroupQueryAttention"] == LAYERS
+    assert ops["SkipSimplifiedLayerNormalization"] >= LAYERS
+    assert ops["MatMulNBits"] == 0 and ops["GatherBlockQuantized"] == 0
+    weight_matmuls = sorted(n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits)
+    expected = sorted([f"model.layers.{i}.{p}.MatMul.weight" for i in range(LAYERS) for p in LINEARS_PER_LAYER]
+                      + ["lm_head.MatMul.weight"])
+    assert weight_matmuls == expected  # q/k/v packed into one matrix per layer
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == "model.embed_tokens.weight"]
+    assert len(gathers) == 1
+    # Qwen3's q_norm/k_norm are two extra RMS norms per layer; Qwen2's q/k/v bias is one Add per layer
+    norms = ops["SimplifiedLayerNormalization"]
+    bias_adds = [n for n in model.graph.node if n.op_type == "Add" and "qkv_proj.Add.bias" in "".join(n.input)]
+    if kind == "qwen3":
+        assert norms == 1 + 2 * LAYERS and not bias_adds
+    else:
+        assert norms == 1 and len(bias_adds) == LAYERS
+
+
+@pytest.mark.parametrize("kind", ["qwen2_tied", "qwen3"])
+def test_graph_io_matches_the_manifest_and_logits_are_last_position_only(fp32_bundles, kind: str) -> None:
+    bundle = fp32_bundles[kind]
+    manifest = read_manifest(bundle)
+    io, spec = manifest.io, manifest.spec
+    model = graph_of(bundle)
+    inputs = {i.name: dims(i) for i in model.graph.input}
+    outputs = {o.name: dims(o) for o in model.graph.output}
+    expected_inputs = {io.input_ids, io.attention_mask} | {
+        name % i for i in range(spec.num_layers) for name in (io.past_key, io.past_value)}
+    assert set(inputs) == expected_inputs  # positions come from the mask: no position_ids input
+    assert io.position_ids is None and io.logits_last_only
+    assert outputs[io.logits][1:] == [1, spec.vocab_size]
+    assert inputs[io.past_key % 0][1] == spec.kv_heads
+    assert set(outputs) == {io.logits} | {name % i for i in range(spec.num_layers)
+                                          for name in (io.present_key, io.present_value)}
+
+    # run a 5-token prompt straight through onnxruntime: one row of logits comes out, not five
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {io.input_ids: np.array([[1, 2, 3, 4, 5]], np.int64), io.attention_mask: np.ones((1, 5), np.int64)}
+    empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
+    feeds |= {name % i: empty for i in range(spec.num_layers) for name in (io.past_key, io.past_value)}
+    result = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    assert result[io.logits].shape == (1, 1, spec.vocab_size)
+    assert result[io.present_key % 0].shape == (1, spec.kv_heads, 5, spec.head_dim)
+
+
+def test_packed_weights_and_biases_are_the_source_weights(fp32_bundles, qwen2_untied) -> None:
+    """The builder's packed qkv (weights transposed to [K, N], bias concatenated) is the HF model's q/k/v."""
+    model = graph_of(fp32_bundles["qwen2_untied"], external=True)
+    onnx_w = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    hf = load_file(str(qwen2_untied / "model.safetensors"))
+    attn = "model.layers.1.self_attn"
+    qkv = np.concatenate([hf[f"{attn}.{p}_proj.weight"] for p in "qkv"]).T
+    bias = np.concatenate([hf[f"{attn}.{p}_proj.bias"] for p in "qkv"])
+    np.testing.assert_array_equal(onnx_w["model.layers.1.attn.qkv_proj.MatMul.weight"], qkv)
+    np.testing.assert_array_equal(onnx_w["model.layers.1.attn.qkv_proj.Add.bias"], bias)
+    np.testing.assert_array_equal(onnx_w["lm_head.MatMul.weight"], hf["lm_head.weight"].T)
+    np.testing.assert_array_equal(onnx_w["model.embed_tokens.weight"], hf["model.embed_tokens.weight"])
+
+
+def test_unknown_provider_is_refused_before_running_the_builder(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="no graph for provider 'coreml'") as info:
+        build_fast_graph(tmp_path / "src", tmp_path / "work", provider="coreml", io_dtype="fp32")
+    assert "cpu, cuda, dml or webgpu" in str(info.value)
+    assert not (tmp_path / "work").exists()
+
+
+def test_builder_failure_reports_the_tail_of_its_log(tmp_path: Path, qwen2_tied: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((qwen2_tied / name).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ExportError, match=r"model builder failed \(exit [1-9]") as info:
+        build_fast_graph(broken, tmp_path / "work", provider="cpu", io_dtype="fp32")
+    message = str(info.value)
+    assert "Last output:" in message and "Traceback" in message  # the builder's own error, not just a code
+    assert "pip install 'edgeqwen[export]'" in message
+
+
+def _genai_config(path: Path) -> Path:
+    cfg = {"model": {"context_length": 32768, "decoder": {"session_options": {"log_id": "x"}}},
+           "search": {"max_length": 32768, "top_k": 1}}
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_adjust_genai_config_sets_context_sampling_and_threads(tmp_path: Path) -> None:
+    path = _genai_config(tmp_path / "genai_config.json")
+    adjust_genai_config(path, context=1024, generation={"temperature": 0.7, "top_p": 0.8, "do_sample": True,
+                                                         "eos_token_id": [1, 2]}, provider="cpu", threads=3)
+    cfg = json.loads(path.read_text())
+    assert cfg["model"]["context_length"] == 1024 and cfg["search"]["max_length"] == 1024
+    assert cfg["search"] == {"max_length": 1024, "top_k": 1, "temperature": 0.7, "top_p": 0.8, "do_sample": True}
+    opts = cfg["model"]["decoder"]["session_options"]
+    assert opts == {"log_id": "x", "intra_op_num_threads": 3}
+
+
+def test_adjust_genai_config_for_a_gpu_provider_and_automatic_threads(tmp_path: Path) -> None:
+    path = _genai_config(tmp_path / "genai_config.json")
+    adjust_genai_config(path, context=512, generation={}, provider="cuda", threads=0)
+    opts = json.loads(path.read_text())["model"]["decoder"]["session_options"]
+    assert opts == {"log_id": "x", "provider_options": [{"cuda": {}}]}

@@ -1,0 +1,220 @@
+"""Float graph -> MatMulNBits/GatherBlockQuantized graph: on small hand-made graphs (numbers checked against
+the dequantized weights through onnxruntime) and on the tiny models' int4/int8 bundles (structure, and that
+the quantized bundles still say roughly what the fp32 one says)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeqwen.bundle import read_manifest
+from edgeqwen.errors import ExportError
+from edgeqwen.export.blockquant import quantize
+from edgeqwen.export.quantize import ExternalWeights, QuantPlan, quantize_graph, save_with_external_data
+
+LAYERS = 2
+V, H, F = 64, 32, 64  # vocab, hidden, ffn of the hand-made graph
+EMBED, DOWN, HEAD = "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.MatMul.weight", "lm_head.MatMul.weight"
+ODD = "model.layers.0.mlp.odd.MatMul.weight"
+
+
+def toy_graph(embed: np.ndarray, head_kn: np.ndarray, down_kn: np.ndarray, odd_kn: np.ndarray) -> onnx.ModelProto:
+    """ids -> Gather(embed) -> MatMul(up: K=H) -> MatMul(odd: K=40, stays float) ... -> MatMul(lm_head)."""
+    nodes = [
+        helper.make_node("Gather", [EMBED, "input_ids"], ["h0"], name="/model/embed_tokens/Gather"),
+        helper.make_node("MatMul", ["h0", DOWN], ["h1"], name="/model/layers.0/mlp/down_proj/MatMul"),
+        helper.make_node("Slice", ["h1", "starts", "ends", "axes"], ["h1s"], name="slice"),
+        helper.make_node("MatMul", ["h1s", ODD], ["h2"], name="/model/layers.0/mlp/odd/MatMul"),
+        helper.make_node("MatMul", ["h2", HEAD], ["logits"], name="/lm_head/MatMul"),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((embed, EMBED), (down_kn, DOWN), (odd_kn, ODD), (head_kn, HEAD))]
+    inits += [numpy_helper.from_array(np.array([v], np.int64), n) for v, n in ((0, "starts"), (40, "ends"), (2, "axes"))]
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, V])], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def toy_weights(tied: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    embed = rng.normal(0, 1, (V, H)).astype(np.float32)
+    head = embed.T.copy() if tied else rng.normal(0, 1, (H, V)).astype(np.float32)
+    down = rng.normal(0, 0.2, (H, F)).astype(np.float32)
+    odd = rng.normal(0, 0.2, (40, H)).astype(np.float32)  # K = 40: not a whole number of 32-blocks
+    return embed, head, down, odd
+
+
+def run(model: onnx.ModelProto, ids: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input_ids": ids})[0]
+
+
+IDS = np.array([[0, 5, 63, 5, 17]], np.int64)
+
+
+def reference(embed_rows: np.ndarray, down_nk: np.ndarray, odd_kn: np.ndarray, head_nk: np.ndarray) -> np.ndarray:
+    h1 = embed_rows @ down_nk.T
+    return (h1[:, :40] @ odd_kn) @ head_nk.T
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_untied_graph_is_rewritten_and_computes_the_dequantized_weights(precision: str) -> None:
+    embed, head, down, odd = toy_weights(tied=False)
+    model = toy_graph(embed, head, down, odd)
+    plan = QuantPlan(precision=precision, algo="k_quant", block_size=32, accuracy_level=0,
+                     embed_bits=4 if precision == "int4" else 8, lm_head_bits=4 if precision == "int4" else 8)
+    report = quantize_graph(model, ExternalWeights(model, Path(".")), plan)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["MatMulNBits"] == 2 and ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
+    float_mm = [n.input[1] for n in model.graph.node if n.op_type == "MatMul"]
+    assert float_mm == [ODD]  # K=40 cannot be blocked by 32: left in float, the rest is gone
+    names = {t.name for t in model.graph.initializer}
+    assert not names & {EMBED, DOWN, HEAD} and ODD in names
+    assert report.tied is None and set(report.tensors) == {EMBED, DOWN, HEAD}
+    bits = plan.body_bits
+    assert all(t["bits"] == bits for t in report.tensors.values())
+    assert [a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"] == [bits] * 2
+    assert any(o.domain == "com.microsoft" for o in model.opset_import)
+
+    deq = {name: quantize(w, bits, 32, "k_quant").dequantize()
+           for name, w in ((EMBED, embed), (DOWN, down.T), (HEAD, head.T))}
+    expected = reference(deq[EMBED][IDS[0]], deq[DOWN], odd, deq[HEAD])
+    np.testing.assert_allclose(run(model, IDS)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_embedding_and_lm_head_share_one_8_bit_matrix() -> None:
+    embed, head, down, odd = toy_weights(tied=True)
+    model = toy_graph(embed, head, down, odd)
+    plan = QuantPlan(precision="int4", algo="k_quant", block_size=32, accuracy_level=0)
+    report = quantize_graph(model, ExternalWeights(model, Path(".")), plan)
+    assert report.tied == {"relative_difference": 0.0, "bits": 8}
+    gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head_node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] == "logits")
+    assert gbq.input[0] == head_node.input[1]  # one codes tensor read by both nodes
+    assert {a.name: a.i for a in gbq.attribute}["bits"] == 8
+    codes = [t for t in model.graph.initializer if t.name == head_node.input[1]]
+    assert len(codes) == 1 and list(codes[0].dims) == [V, H // 32, 32]
+
+    shared = quantize(embed, 8, 32, "k_quant").dequantize()
+    body = quantize(down.T, 4, 32, "k_quant").dequantize()
+    expected = reference(shared[IDS[0]], body, odd, shared)
+    np.testing.assert_allclose(run(model, IDS)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_untied_weights_that_differ_are_not_shared() -> None:
+    embed, head, down, odd = toy_weights(tied=True)
+    head = head + np.random.default_rng(3).normal(0, 0.2, head.shape).astype(np.float32)  # ~20% apart
+    model = toy_graph(embed, head, down, odd)
+    report = quantize_graph(model, ExternalWeights(model, Path(".")), QuantPlan(precision="int4"))
+    assert report.tied is None
+    gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert gbq.input[0] == "model.embed_tokens.qweight"
+
+
+def test_eight_bit_prefixes_keep_matching_weights_at_8_bits() -> None:
+    embed, head, down, odd = toy_weights(tied=False)
+    model = toy_graph(embed, head, down, odd)
+    report = quantize_graph(model, ExternalWeights(model, Path(".")),
+                            QuantPlan(precision="int4", eight_bit=("mlp.down_proj",)))
+    assert report.tensors[DOWN]["bits"] == 8 and report.tensors[HEAD]["bits"] == 4
+
+
+def test_float_precisions_are_refused() -> None:
+    model = toy_graph(*toy_weights(tied=False))
+    with pytest.raises(ExportError, match="needs int4 or int8, got precision 'fp32'") as info:
+        quantize_graph(model, ExternalWeights(model, Path(".")), QuantPlan(precision="fp32"))
+    assert "--precision int4 or int8" in str(info.value)
+
+
+def test_external_weights_are_read_without_loading_the_graph(tmp_path: Path) -> None:
+    embed, head, down, odd = toy_weights(tied=False)
+    save_with_external_data(toy_graph(embed, head, down, odd), tmp_path)
+    assert (tmp_path / "model.onnx.data").is_file()
+    model = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    weights = ExternalWeights(model, tmp_path)
+    np.testing.assert_array_equal(weights.array(HEAD), head)
+    np.testing.assert_array_equal(weights.array(EMBED), embed)
+    assert "starts" in weights and "nope" not in weights
+    weights.materialize_rest(model)
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+# ------------------------------------------------------------------------------------------ the bundles
+
+
+def ops_of(bundle: Path) -> tuple[onnx.ModelProto, Counter]:
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    return model, Counter(n.op_type for n in model.graph.node)
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_bundles_have_only_block_quantized_weights(int4_bundle, int8_bundle, precision: str) -> None:
+    bundle = int4_bundle if precision == "int4" else int8_bundle
+    model, ops = ops_of(bundle)
+    inits = {t.name for t in model.graph.initializer}
+    assert ops["MatMulNBits"] == 5 * LAYERS + 1  # packed qkv, o, gate, up, down per layer + lm_head
+    assert ops["GatherBlockQuantized"] == 1 and ops["GroupQueryAttention"] == LAYERS
+    assert ops["SkipSimplifiedLayerNormalization"] >= LAYERS
+    assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits]
+    assert not [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    out = {o.name: o for o in model.graph.output}["logits"]
+    assert [d.dim_value for d in out.type.tensor_type.shape.dim][1:] == [1, 512]
+
+    # the manifest reports what the graph holds
+    manifest = read_manifest(bundle)
+    assert manifest.precision == precision
+    tensors = manifest.quantization["tensors"]
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            name = node.input[1].replace(".qweight", ".weight")
+            assert tensors[name]["bits"] == attrs["bits"] and attrs["block_size"] == 32
+    bits = {name: t["bits"] for name, t in tensors.items()}
+    if precision == "int8":
+        assert set(bits.values()) == {8}
+    else:  # int4 bundles: the MLP, embedding and lm_head are 4-bit
+        assert {bits[n] for n in bits if ".mlp." in n or "lm_head" in n or "embed" in n} == {4}
+
+
+def test_tied_int4_bundle_stores_the_shared_matrix_once(int4_tied_bundle) -> None:
+    model, ops = ops_of(int4_tied_bundle)
+    gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
+    assert gbq.input[0] == head.input[1]
+    assert read_manifest(int4_tied_bundle).quantization["summary"]["shared_embeddings"]["bits"] == 8
+    assert ops["MatMulNBits"] == 5 * LAYERS + 1
+
+
+def first_logits(bundle: Path, ids: list[int]) -> np.ndarray:
+    from edgeqwen import runtime
+    from edgeqwen.runtime.generate import prefill
+
+    model = runtime.load(bundle, threads=1)
+    return prefill(model.engine, ids).copy()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_logits_track_fp32(fp32_bundles, int4_bundle, int8_bundle, precision: str) -> None:
+    ids = [5, 77, 300, 12, 9, 41, 250]
+    ref = first_logits(fp32_bundles["qwen2_untied"], ids)
+    got = first_logits(int4_bundle if precision == "int4" else int8_bundle, ids)
+    sim = cosine(got, ref)
+    assert sim > 0.9
+    if precision == "int8":
+        assert sim > 0.99 and int(np.argmax(got)) == int(np.argmax(ref))
+
+
+def test_tied_int4_logits_track_fp32(fp32_bundles, int4_tied_bundle) -> None:
+    ids = [5, 77, 300, 12, 9, 41, 250]
+    assert cosine(first_logits(int4_tied_bundle, ids), first_logits(fp32_bundles["qwen2_tied"], ids)) > 0.9
