@@ -138,7 +138,9 @@ class Model:
 
     def _run(self, prompt, options: dict, sink: "_Sink") -> Iterator[str]:
         opts = dict(options)
-        max_new = opts.pop("max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
+        max_new = opts.pop("max_new_tokens", None)
+        if max_new is None:  # not `or`: max_new_tokens=0 must be refused below, not become the default
+            max_new = DEFAULT_MAX_NEW_TOKENS
         stop = opts.pop("stop", None)
         stop_ids = opts.pop("stop_token_ids", None)
         tools = opts.pop("tools", None)

@@ -109,7 +109,7 @@ def test_corrupted_cached_gguf_is_refetched(tmp_path, monkeypatch):
         byte = f.read(1)
         f.seek(1 << 20)
         f.write(bytes([byte[0] ^ 0xFF]))
-    with pytest.warns(UserWarning):
+    with pytest.warns(RuntimeWarning, match="damaged"):
         path = fetch_alias(entry, progress=False)
     assert path == cached
     assert path.stat().st_size == entry.size

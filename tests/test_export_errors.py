@@ -1,0 +1,104 @@
+"""export() refuses bad requests early and clearly: each error has its type, a message naming the problem and
+the fix, and happens before the expensive stages (graph build, quantization) where it can."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import edgeqwen.export.graph as graph
+from edgeqwen.errors import BundleError, ExportError, ProfileError, UnsupportedModelError, VerificationError
+from edgeqwen.export import export, verify
+from edgeqwen.profiles import list_profiles
+
+
+@pytest.fixture
+def no_graph_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if export() gets as far as building the graph."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("export() reached the graph build")
+
+    monkeypatch.setattr(graph, "build_fast_graph", forbidden)
+
+
+def test_unknown_profile_lists_the_available_ones(tmp_path: Path, qwen2_tied: Path, no_graph_build) -> None:
+    with pytest.raises(ProfileError, match="Unknown device profile 'raspberry-pi-9'") as info:
+        export(str(qwen2_tied), "raspberry-pi-9", tmp_path / "out", progress=False)
+    message = str(info.value)
+    for name in list_profiles():
+        assert name in message
+    assert "rpi5" in message and "host" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_precision_override_names_the_allowed_values(tmp_path: Path, qwen2_tied: Path, no_graph_build) -> None:
+    with pytest.raises(ProfileError, match="'precision' has invalid value 'int3'") as info:
+        export(str(qwen2_tied), "host", tmp_path / "out", precision="int3", progress=False)
+    assert "int4, int8, fp16, fp32" in str(info.value)
+    with pytest.raises(ProfileError, match="'block_size' has invalid value 48"):
+        export(str(qwen2_tied), "host", tmp_path / "out", block_size=48, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_portable_profile_is_refused_before_touching_the_source(tmp_path: Path, no_graph_build) -> None:
+    # the source does not exist: reaching source resolution would raise SourceError instead
+    with pytest.raises(ExportError, match="'apple-silicon' asks for the portable") as info:
+        export(str(tmp_path / "no-such-model"), "apple-silicon", tmp_path / "out", progress=False)
+    assert "does not build yet" in str(info.value) and "use a fast-backend profile" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _llama_folder(root: Path, qwen_folder: Path) -> Path:
+    folder = root / "llama"
+    folder.mkdir()
+    config = json.loads((qwen_folder / "config.json").read_text())
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"never read")
+    (folder / "tokenizer.json").write_bytes((qwen_folder / "tokenizer.json").read_bytes())
+    return folder
+
+
+def test_unsupported_architecture_is_refused_before_heavy_work(tmp_path: Path, qwen2_tied: Path,
+                                                               no_graph_build, allow_tiny) -> None:
+    source = _llama_folder(tmp_path, qwen2_tied)
+    with pytest.raises(UnsupportedModelError, match="model type 'llama' is not supported") as info:
+        export(str(source), "host", tmp_path / "out", progress=False)
+    assert "qwen2, qwen3" in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tiny_model_is_refused_by_the_size_check_by_default(tmp_path: Path, qwen2_tied: Path, no_graph_build,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EDGEQWEN_ALLOW_ANY_SIZE", raising=False)
+    with pytest.raises(UnsupportedModelError, match=r"estimated 0\.00B parameters"):
+        export(str(qwen2_tied), "host", tmp_path / "out", progress=False)
+
+
+def test_output_path_that_is_a_file_is_refused_first(tmp_path: Path, no_graph_build) -> None:
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(BundleError, match="is a file"):
+        export(str(tmp_path / "no-such-model"), "host", tmp_path / "out", progress=False)
+
+
+def test_verification_failure_writes_nothing(tmp_path: Path, qwen2_tied: Path, allow_tiny,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # fp32 agrees with its source but cannot reach an agreement above 100%
+    monkeypatch.setitem(verify.THRESHOLDS, "fp32", (1.01, 1.0))
+    with pytest.raises(VerificationError, match="The fp32 bundle disagrees with its source") as info:
+        export(str(qwen2_tied), "host", tmp_path / "out", precision="fp32", progress=False)
+    assert "Nothing was written" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_passes_and_is_recorded_for_fp32(tmp_path: Path, qwen3: Path, allow_tiny) -> None:
+    result = export(str(qwen3), "host", tmp_path / "out", precision="fp32", progress=False)
+    v = result.manifest.verification
+    assert v["passed"] is True and v["precision"] == "fp32"
+    assert v["agreement"] >= 0.99 and abs(v["worst_perplexity_ratio"] - 1.0) < 1e-3
+    assert {t["name"] for t in v["texts"]} == {"en", "code"} and all(t["tokens"] > 50 for t in v["texts"])
+    on_disk = json.loads((tmp_path / "out" / "edgeqwen.json").read_text())["verification"]
+    assert on_disk == v

@@ -1,0 +1,276 @@
+"""The runtime against the reference: greedy tokens and logits of the tiny fp32 bundles equal transformers',
+and every cache trick (prefix reuse, chunked prefill, KV growth) leaves the tokens exactly as a plain run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeqwen import runtime
+from edgeqwen.errors import ContextOverflowError, GenerationError
+from edgeqwen.runtime.generate import Engine, Stats, StopRule, decode_one, generate, prefill
+from edgeqwen.runtime.sampling import Sampler, SamplingParams
+
+KINDS = ["qwen2_tied", "qwen2_untied", "qwen3"]
+PROMPTS = {
+    "english": "the quick model runs on a small board with int4 weights",
+    "chinese": "你好世界，今天天气很快",
+    "code": "def add(a, b):\n    return",
+    "chat": "<|im_start|>user\nwhat is the weather in the city today?<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+@pytest.fixture(scope="module")
+def reference_models(tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(1)
+    models = {}
+    for kind in KINDS:
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_models[kind]), dtype=torch.float32).eval()
+        model.generation_config.eos_token_id = None  # compare whole runs, not where an end token falls
+        models[kind] = model
+    return models
+
+
+@pytest.fixture(scope="module")
+def models(fp32_bundles):
+    return {kind: runtime.load(fp32_bundles[kind], threads=1) for kind in KINDS}
+
+
+def greedy(model: runtime.Model, ids: list[int], n: int) -> list[int]:
+    """n greedy tokens from a cold cache, no end-token stop."""
+    model.reset()
+    return list(generate(model.engine, ids, Sampler(SamplingParams()), StopRule(n, frozenset())))
+
+
+def hf_greedy(ref, ids: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                           generation_config=config)
+    return out[0, len(ids):].tolist()
+
+
+def hf_logits(ref, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return ref(torch.tensor([ids])).logits[0].numpy()
+
+
+# ----------------------------------------------------------------------------------- reference equality
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_greedy_64_tokens_equal_transformers(models, reference_models, kind: str, prompt: str) -> None:
+    model = models[kind]
+    ids = model.encode(PROMPTS[prompt])
+    expected = hf_greedy(reference_models[kind], ids, 64)
+    assert len(expected) == 64
+    assert greedy(model, ids, 64) == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_and_decode_logits_match_transformers(models, reference_models, kind: str) -> None:
+    model = models[kind]
+    ids = model.encode(PROMPTS["english"] + " " + PROMPTS["chinese"])
+    full = hf_logits(reference_models[kind], ids)
+    assert full[-1].std() > 0.5  # logits are not flat: greedy decoding is well defined
+    model.reset()
+    np.testing.assert_allclose(prefill(model.engine, ids[:5]), full[4], atol=1e-3, rtol=0)
+    for i in range(5, len(ids)):  # then one token at a time through the KV cache
+        np.testing.assert_allclose(decode_one(model.engine, ids[i]), full[i], atol=1e-3, rtol=0)
+    model.reset()
+    np.testing.assert_allclose(prefill(model.engine, ids), full[-1], atol=1e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- the cache tricks
+
+
+def test_multi_turn_prefix_reuse_equals_a_fresh_prefill(models, fp32_bundles) -> None:
+    model = models["qwen2_untied"]
+    model.reset()
+    chat = model.chat(system="You answer in short sentences.")
+    turns = ["what is the weather today?", "and the code in python?", "你好，今天天气"]
+    results = [chat.send(text, max_new_tokens=12) for text in turns]
+    fresh = runtime.load(fp32_bundles["qwen2_untied"], threads=1)
+    for k, result in enumerate(results):
+        history = chat.messages[: 2 + 2 * k]  # system, then user/assistant pairs, ending with user turn k
+        assert history[-1] == {"role": "user", "content": turns[k]}
+        fresh.reset()
+        expected = fresh.generate(history, max_new_tokens=12)
+        assert result.tokens == expected.tokens, f"turn {k + 1}"
+        assert result.text == expected.text
+        assert expected.stats["reused_tokens"] == 0
+    for k in (1, 2):
+        # everything up to the previous turn's prompt was in the cache already
+        assert results[k].stats["reused_tokens"] >= results[k - 1].stats["prompt_tokens"] > 0
+        assert results[k].stats["prompt_tokens"] > results[k].stats["reused_tokens"]
+
+
+def test_resending_the_same_prompt_reuses_all_but_one_token(models) -> None:
+    model = models["qwen3"]
+    model.reset()
+    first = model.generate(PROMPTS["code"], max_new_tokens=8, stop_token_ids=[])
+    again = model.generate(PROMPTS["code"], max_new_tokens=8)
+    n = len(model.encode(PROMPTS["code"]))
+    assert again.stats["reused_tokens"] == n - 1 and again.stats["prompt_tokens"] == n
+    assert again.tokens == first.tokens
+
+
+@pytest.mark.parametrize("kind", ["qwen2_tied", "qwen3"])
+def test_chunked_prefill_equals_unchunked(models, fp32_bundles, kind: str) -> None:
+    model = models[kind]
+    ids = model.encode(" ".join(PROMPTS.values()))
+    assert len(ids) > 3 * 7
+    chunked = runtime.load(fp32_bundles[kind], threads=1, prefill_chunk=7)
+    model.reset()
+    np.testing.assert_allclose(prefill(chunked.engine, ids), prefill(model.engine, ids), atol=1e-4, rtol=0)
+    assert greedy(chunked, ids, 32) == greedy(model, ids, 32)
+
+
+def test_kv_cache_growth_across_chunk_boundaries(models) -> None:
+    model = models["qwen2_tied"]
+    ids = model.encode(PROMPTS["english"])
+    expected = greedy(model, ids, 100)
+    small = Engine(model.session, model.manifest, context=512, prefill_chunk=512, kv_chunk=16)
+    tokens = list(generate(small, ids, Sampler(SamplingParams()), StopRule(100, frozenset())))
+    assert tokens == expected
+    total = len(ids) + 99
+    assert small.cache.length == total and small.tokens == ids + tokens[:-1]
+    assert small.cache.generation >= total // 16 - 1  # the buffers really were reallocated along the way
+    assert small.cache.capacity >= total and small.cache.capacity % 16 == 0
+
+
+# ----------------------------------------------------------------------------------- limits and options
+
+
+def test_context_overflow_and_left_truncation(fp32_bundles) -> None:
+    model = runtime.load(fp32_bundles["qwen2_untied"], threads=1, context=64)
+    text = " ".join([PROMPTS["english"]] * 8)
+    ids = model.encode(text)
+    assert len(ids) > 64
+    with pytest.raises(ContextOverflowError, match=rf"Prompt \({len(ids)} tokens\) \+ max_new_tokens \(10\) "
+                                                   r"exceeds the context \(64\)") as info:
+        model.generate(text, max_new_tokens=10)
+    assert "truncate='left'" in str(info.value)
+    result = model.generate(text, max_new_tokens=10, truncate="left", stop_token_ids=[])
+    assert result.stats["prompt_tokens"] == 54
+    model.reset()
+    kept = list(generate(model.engine, ids[-54:], Sampler(SamplingParams()), StopRule(10, model.eos_token_ids)))
+    assert result.tokens == kept
+    with pytest.raises(ContextOverflowError, match="exceeds the context length"):
+        list(generate(model.engine, ids[:60], Sampler(SamplingParams()), StopRule(5, frozenset())))
+    with pytest.raises(GenerationError, match=r"context=1024 is outside 16\.\.512"):
+        runtime.load(fp32_bundles["qwen2_untied"], context=1024)
+
+
+def test_decoding_past_the_context_is_refused(fp32_bundles) -> None:
+    model = runtime.load(fp32_bundles["qwen3"], threads=1, context=16)
+    prefill(model.engine, list(range(3, 19)))  # exactly 16 tokens
+    with pytest.raises(ContextOverflowError, match=r"reached the context length \(16 tokens\)"):
+        decode_one(model.engine, 5)
+    with pytest.raises(ContextOverflowError, match="The prompt has 17 tokens; this model's context is 16"):
+        prefill(model.engine, list(range(3, 20)))
+
+
+@pytest.mark.parametrize("prompt", ["english", "chinese"])
+def test_streamed_text_equals_generated_text(models, prompt: str) -> None:
+    model = models["qwen2_tied"]
+    pieces = list(model.stream(PROMPTS[prompt], max_new_tokens=48))
+    result = model.generate(PROMPTS[prompt], max_new_tokens=48)
+    assert "".join(pieces) == result.text
+    assert len(pieces) > 1 and all(pieces)
+    assert result.text == model.decode(result.tokens)
+    assert "\ufffd" not in "".join(pieces[:-1])  # no half characters mid-stream
+
+
+def test_stop_token_ids_and_stop_strings(models) -> None:
+    model = models["qwen2_untied"]
+    ids = model.encode(PROMPTS["english"])
+    tokens = greedy(model, ids, 30)
+    free = [t for t in tokens if t not in model.eos_token_ids]
+    stop_id = free[3]
+    result = model.generate(PROMPTS["english"], max_new_tokens=30, stop_token_ids=[stop_id])
+    assert result.tokens == tokens[: tokens.index(stop_id)] and result.finish_reason == "stop"
+
+    full = model.generate(PROMPTS["english"], max_new_tokens=30)
+    text = full.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip()
+    cut = model.generate(PROMPTS["english"], max_new_tokens=30, stop=stop)
+    assert cut.text == text[: text.index(stop)] and cut.finish_reason == "stop"
+    assert full.finish_reason in ("length", "stop") and len(full.tokens) <= 30
+
+
+def test_a_fixed_seed_reproduces_sampled_tokens(models) -> None:
+    model = models["qwen3"]
+    options = dict(max_new_tokens=32, temperature=1.0, top_k=0, stop_token_ids=[])
+    a = model.generate(PROMPTS["english"], seed=1234, **options)
+    b = model.generate(PROMPTS["english"], seed=1234, **options)
+    c = model.generate(PROMPTS["english"], seed=4321, **options)
+    assert a.tokens == b.tokens and len(a.tokens) > 8
+    assert a.tokens != c.tokens
+    assert a.tokens != greedy(model, model.encode(PROMPTS["english"]), len(a.tokens))
+
+
+@pytest.mark.parametrize(("options", "pattern"), [
+    ({"temperature": -1}, r"temperature=-1 is out of range; allowed: >= 0"),
+    ({"top_p": 0}, r"top_p=0 is out of range; allowed: \(0, 1\]"),
+    ({"top_k": -3}, r"top_k=-3 is out of range"),
+    ({"max_new_tokens": 0}, r"max_new_tokens must be a positive integer, got 0"),
+    ({"max_new_tokens": -5}, r"max_new_tokens must be a positive integer, got -5"),
+    ({"max_new_tokens": 2.5}, r"max_new_tokens must be a positive integer, got 2.5"),
+    ({"colour": "red"}, r"Unknown generation option\(s\): colour"),
+    ({"stop": ""}, r"stop must be a non-empty string"),
+    ({"truncate": "middle"}, r"truncate must be 'error' or 'left', got 'middle'"),
+])
+def test_bad_options_name_the_option(models, options: dict, pattern: str) -> None:
+    model = models["qwen2_tied"]
+    with pytest.raises(GenerationError, match=pattern):
+        model.generate(PROMPTS["english"], **options)
+    with pytest.raises(GenerationError, match=pattern):
+        list(model.stream(PROMPTS["english"], **options))
+
+
+def test_bad_prompts(models) -> None:
+    model = models["qwen2_tied"]
+    with pytest.raises(GenerationError, match="prompt must be a string or a list of chat messages, got int"):
+        model.generate(42)
+    with pytest.raises(GenerationError, match="The prompt is empty"):
+        model.generate("")
+    with pytest.raises(GenerationError, match=r"messages\[0\] has role='robot'"):
+        model.generate([{"role": "robot", "content": "hi"}])
+
+
+# ----------------------------------------------------------------------------------- quantized bundles
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("precision", ["int4", "int8"])
+def test_quantized_bundles_generate_and_track_fp32(models, int4_bundle: Path, int8_bundle: Path,
+                                                   precision: str) -> None:
+    model = runtime.load(int4_bundle if precision == "int4" else int8_bundle, threads=1)
+    reference = models["qwen2_untied"]
+    for prompt in ("english", "code"):
+        ids = model.encode(PROMPTS[prompt])
+        model.reset()
+        reference.reset()
+        got, want = prefill(model.engine, ids), prefill(reference.engine, ids)
+        assert cosine(got, want) > (0.99 if precision == "int8" else 0.9)
+        if precision == "int8":
+            assert int(np.argmax(got)) == int(np.argmax(want))
+    result = model.generate(PROMPTS["chat"], max_new_tokens=16, stop_token_ids=[])
+    assert 0 < len(result.tokens) <= 16 and result.text == model.decode(result.tokens)
+    assert result.stats["new_tokens"] == len(result.tokens)
