@@ -202,6 +202,11 @@ class AtomicFolder:
         if self.target.exists():
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             os.replace(self.target, old)
+        # mkdtemp creates 0700; a bundle is meant to be copied and shared, so give it ordinary permissions
+        os.chmod(self.tmp, 0o755)
+        for p in self.tmp.iterdir():
+            if p.is_file():
+                os.chmod(p, 0o644)
         os.replace(self.tmp, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

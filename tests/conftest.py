@@ -22,9 +22,9 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -121,10 +121,9 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path: Path, qwen2_tied: Path
 def test_atomic_folder_keeps_the_old_bundle_when_the_new_one_fails(int4_bundle: Path, bundle_copy) -> None:
     out = bundle_copy(int4_bundle)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(KeyError):
-        with AtomicFolder(out, force=True) as tmp:
-            (tmp / "model.onnx").write_text("half written")
-            raise KeyError("interrupted")
+    with pytest.raises(KeyError), AtomicFolder(out, force=True) as tmp:
+        (tmp / "model.onnx").write_text("half written")
+        raise KeyError("interrupted")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["bundle"]
 

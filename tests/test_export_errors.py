@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import edgeqwen.export.graph as graph
 from edgeqwen.errors import BundleError, ExportError, ProfileError, UnsupportedModelError, VerificationError
-from edgeqwen.export import export, verify
+from edgeqwen.export import export, graph, verify
 from edgeqwen.profiles import list_profiles
 
 
@@ -102,3 +101,14 @@ def test_verification_passes_and_is_recorded_for_fp32(tmp_path: Path, qwen3: Pat
     assert {t["name"] for t in v["texts"]} == {"en", "code"} and all(t["tokens"] > 50 for t in v["texts"])
     on_disk = json.loads((tmp_path / "out" / "edgeqwen.json").read_text())["verification"]
     assert on_disk == v
+
+
+@pytest.mark.parametrize("algo", ["hqq", "gptq"])
+def test_profile_algorithms_the_quantizer_lacks_are_refused_early(tmp_path: Path, qwen2_tied: Path, algo: str,
+                                                                 no_graph_build, allow_tiny) -> None:
+    """Profiles may name hqq/gptq, but the block quantizer implements rtn and k_quant only: say so up front
+    instead of failing after the graph build with a bare ValueError."""
+    with pytest.raises(ExportError, match=f"quantization algorithm '{algo}'") as info:
+        export(str(qwen2_tied), "host", tmp_path / "out", precision="int4", quant_algo=algo, progress=False)
+    assert "k_quant" in str(info.value) and "rtn" in str(info.value)
+    assert not (tmp_path / "out").exists()

@@ -44,7 +44,7 @@ def reference(raw: np.ndarray, type_name: str) -> np.ndarray:
 
 @pytest.mark.parametrize("type_name", EXACT_TYPES)
 def test_decoders_match_the_gguf_reference_bit_for_bit(type_name: str) -> None:
-    raw = random_blocks(type_name, rows=6, k=512, seed=hash(type_name) % 1000)
+    raw = random_blocks(type_name, rows=6, k=512, seed=EXACT_TYPES.index(type_name))
     bq = DECODERS[type_name](raw)
     expected = reference(raw, type_name)
     assert expected.shape == (6, 512) and np.all(np.isfinite(expected))
@@ -80,6 +80,14 @@ def test_concat_rows_stacks_parts_at_the_smallest_block() -> None:
     assert both.bits == 8 and both.block_size == 16 and both.n == 10 and both.k == 256
     expected = np.concatenate([q8.dequantize(), q6.dequantize(), q5.dequantize()])
     assert np.array_equal(both.dequantize(), expected)
+
+
+def test_concat_rows_widens_4bit_parts_exactly() -> None:
+    q4 = DECODERS["Q4_0"](random_blocks("Q4_0", 3, 64, seed=6))
+    q8 = DECODERS["Q8_0"](random_blocks("Q8_0", 2, 64, seed=7))
+    both = concat_rows([q4, q8])
+    assert both.bits == 8 and both.n == 5
+    assert np.array_equal(both.dequantize(), np.concatenate([q4.dequantize(), q8.dequantize()]))
 
 
 # ------------------------------------------------------------------------------------------------ names
@@ -207,14 +215,14 @@ def test_mismatched_weights_are_not_copied(gguf_file) -> None:
     calls: list = []
     code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="fast"), fallback=recording_fallback(calls))
     wrong = floats["blk.0.attn_output.weight"][::-1].copy()  # rows in the wrong order
-    bq, how = code(O_PROJ, wrong, 4, "body")
+    _, how = code(O_PROJ, wrong, 4, "body")
     assert how == "stub:Q4_0" and calls == [(O_PROJ, 4, "body")]
 
 
 def test_names_missing_from_the_gguf_go_to_the_fallback(gguf_file) -> None:
-    path, floats = gguf_file
+    path, _ = gguf_file
     calls: list = []
     code = gguf_coder(path, QuantPlan(precision="int8", gguf_mode="fast"), fallback=recording_fallback(calls))
     w = np.zeros((8, HIDDEN), np.float32)
-    bq, how = code("model.layers.5.mlp.down_proj.MatMul.weight", w, 8, "body")
+    _, how = code("model.layers.5.mlp.down_proj.MatMul.weight", w, 8, "body")
     assert how == "stub:?" and calls == [("model.layers.5.mlp.down_proj.MatMul.weight", 8, "body")]

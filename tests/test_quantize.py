@@ -1,6 +1,6 @@
 """Float graph -> MatMulNBits/GatherBlockQuantized graph: on small hand-made graphs (numbers checked against
-the dequantized weights through onnxruntime) and on the tiny models' int4/int8 bundles (structure, and that
-the quantized bundles still say roughly what the fp32 one says)."""
+the dequantized weights through onnxruntime) and on the tiny models' int4/int8 bundles (their structure; how
+closely their logits follow fp32 is checked in test_generate.py)."""
 
 from __future__ import annotations
 
@@ -190,31 +190,3 @@ def test_tied_int4_bundle_stores_the_shared_matrix_once(int4_tied_bundle) -> Non
     assert gbq.input[0] == head.input[1]
     assert read_manifest(int4_tied_bundle).quantization["summary"]["shared_embeddings"]["bits"] == 8
     assert ops["MatMulNBits"] == 5 * LAYERS + 1
-
-
-def first_logits(bundle: Path, ids: list[int]) -> np.ndarray:
-    from edgeqwen import runtime
-    from edgeqwen.runtime.generate import prefill
-
-    model = runtime.load(bundle, threads=1)
-    return prefill(model.engine, ids).copy()
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-@pytest.mark.parametrize("precision", ["int4", "int8"])
-def test_quantized_logits_track_fp32(fp32_bundles, int4_bundle, int8_bundle, precision: str) -> None:
-    ids = [5, 77, 300, 12, 9, 41, 250]
-    ref = first_logits(fp32_bundles["qwen2_untied"], ids)
-    got = first_logits(int4_bundle if precision == "int4" else int8_bundle, ids)
-    sim = cosine(got, ref)
-    assert sim > 0.9
-    if precision == "int8":
-        assert sim > 0.99 and int(np.argmax(got)) == int(np.argmax(ref))
-
-
-def test_tied_int4_logits_track_fp32(fp32_bundles, int4_tied_bundle) -> None:
-    ids = [5, 77, 300, 12, 9, 41, 250]
-    assert cosine(first_logits(int4_tied_bundle, ids), first_logits(fp32_bundles["qwen2_tied"], ids)) > 0.9

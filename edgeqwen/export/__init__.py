@@ -26,6 +26,8 @@ from ..profiles import Profile, check_memory_budget, kv_cache_bytes, load_profil
 __all__ = ["export", "ExportResult"]
 
 BITS_PER_WEIGHT = {"int4": 5.2, "int8": 9.3, "fp16": 16.0, "fp32": 32.0}
+# What blockquant.quantize implements; profiles may also name algorithms planned for later (hqq, gptq).
+QUANTIZER_ALGOS = ("rtn", "k_quant")
 
 
 @dataclass
@@ -150,6 +152,10 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
         raise ExportError(f"Profile {profile.name!r} asks for the portable (standard-op) backend, which this "
                           "version does not build yet.", "use a fast-backend profile (host, rpi5, x86-avx2, "
                           "cuda, ...) — see `edgeqwen devices`.")
+    if profile.precision in ("int4", "int8") and profile.quant_algo not in QUANTIZER_ALGOS:
+        raise ExportError(f"The quantization algorithm {profile.quant_algo!r} (profile {profile.name!r}) is not "
+                          f"implemented by this version's quantizer, which knows {', '.join(QUANTIZER_ALGOS)}.",
+                          "pass --quant-algo k_quant (the default) or rtn.")
     stages = _Stages(progress, total=5 if verify else 4)
 
     with stages.stage("source", f"Resolving model source {model!r}"):

@@ -105,9 +105,11 @@ def with_block_size(bq: BlockQuantized, block_size: int) -> BlockQuantized:
 
 
 def concat_rows(parts: list[BlockQuantized]) -> BlockQuantized:
+    # a 4-bit part (codes 0..15 around zero point 8) is exactly representable in 8-bit storage, so mixed
+    # packs (e.g. Q4_0 q/k with a Q8_0 v) widen to 8 bits instead of failing
     bits = max(p.bits for p in parts)
-    if any(p.bits != bits for p in parts):
-        raise ValueError("cannot stack exact parts of different bit widths")
+    parts = [p if p.bits == bits else BlockQuantized(p.q, p.scales, p.zero_points, bits, p.block_size, p.k)
+             for p in parts]
     bs = min(p.block_size for p in parts)
     parts = [with_block_size(p, bs) for p in parts]
     return BlockQuantized(np.concatenate([p.q for p in parts]), np.concatenate([p.scales for p in parts]),
