@@ -59,9 +59,3 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
-
-    def release(self) -> None:
-        """Drop the buffers (memory goes back to the allocator) — e.g. after /reset in a long chat session."""
-        self.keys, self.values, self.key_ort, self.value_ort = [], [], [], []
-        self.capacity = self.length = 0
-        self.generation += 1
