@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import BundleError
 
@@ -95,11 +95,14 @@ class Manifest:
                               "re-export the bundle with this edgeqwen version.") from e
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20, on_chunk: Callable[[int], Any] | None = None) -> str:
+    """Hash in fixed-size chunks (constant memory on a board); ``on_chunk(n)`` feeds a progress bar."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if on_chunk is not None:
+                on_chunk(len(block))
     return h.hexdigest()
 
 

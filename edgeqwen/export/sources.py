@@ -20,7 +20,6 @@ this module stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..bundle import sha256_file
 from ..catalog import CATALOG, DEFAULT_ALIAS, ModelEntry, edgeqwen_home, get_model, list_models
 from ..errors import FetchError, SourceError, UnsupportedModelError
 
@@ -135,16 +135,11 @@ def _sha256_file(path: Path, *, progress: bool, desc: str = "sha256", reuse: boo
     key = _file_key(path)
     if reuse and key in _VERIFIED:
         return _VERIFIED[key]
-    digest = hashlib.sha256()
     bar = _bar(key[1], f"{desc} {path.name}", "B", progress)
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(_HASH_CHUNK):
-                digest.update(chunk)
-                bar.update(len(chunk))
+        _VERIFIED[key] = sha256_file(path, _HASH_CHUNK, on_chunk=bar.update)
     finally:
         bar.close()
-    _VERIFIED[key] = digest.hexdigest()
     return _VERIFIED[key]
 
 
