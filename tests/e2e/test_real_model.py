@@ -7,7 +7,6 @@ then chats with the int4 bundle through the public runtime API and the CLI.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
