@@ -217,6 +217,9 @@ def allow_any_size() -> Iterator[None]:
             os.environ[ALLOW_ANY_SIZE_ENV] = old
 
 
+PORTABLE_DEVICE = "apple-silicon"  # a portable-backend profile; on this machine it runs on the CPU provider
+
+
 def exporter_fingerprint() -> str:
     h = hashlib.sha256(MODELS_VERSION.encode())
     sources = sorted((REPO / "edgeqwen" / "export").glob("*.py")) + sorted((REPO / "devices").glob("*.toml"))
@@ -230,14 +233,16 @@ def exporter_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def export_bundle(kind: str, precision: str) -> Path:
+def export_bundle(kind: str, precision: str, device: str = "host") -> Path:
+    """A cached bundle of a tiny model; ``device`` picks the profile (and so the backend)."""
     from edgeqwen.export import export
 
-    folder = cache_root() / f"bundles-{exporter_fingerprint()}" / f"{kind}-{precision}"
+    suffix = "" if device == "host" else f"-{device}"
+    folder = cache_root() / f"bundles-{exporter_fingerprint()}" / f"{kind}-{precision}{suffix}"
     if not _cached(folder):
         source = tiny_model(kind)
         with _building(folder) as tmp, allow_any_size():
-            export(str(source), "host", tmp / "bundle", precision=precision, verify=False, progress=False,
+            export(str(source), device, tmp / "bundle", precision=precision, verify=False, progress=False,
                    force=True)
     return folder / "bundle"
 
@@ -270,6 +275,17 @@ def qwen3(tiny_models) -> Path:
 def fp32_bundles(tiny_models) -> dict[str, Path]:
     """kind -> fp32 bundle of that tiny model (the reference-equality tests run these)."""
     return {kind: export_bundle(kind, "fp32") for kind in MODEL_KINDS}
+
+
+@pytest.fixture(scope="session")
+def portable_fp32_bundles(tiny_models) -> dict[str, Path]:
+    """kind -> fp32 bundle of the portable (standard-op, Optimum-exported) graph."""
+    return {kind: export_bundle(kind, "fp32", PORTABLE_DEVICE) for kind in MODEL_KINDS}
+
+
+@pytest.fixture(scope="session")
+def portable_int8_bundles(tiny_models) -> dict[str, Path]:
+    return {kind: export_bundle(kind, "int8", PORTABLE_DEVICE) for kind in MODEL_KINDS}
 
 
 @pytest.fixture(scope="session")

@@ -36,9 +36,16 @@ def reference_models(tiny_models):
     return models
 
 
+@pytest.fixture(scope="module", params=["fast", "portable"])
+def bundles(request) -> dict[str, Path]:
+    """fp32 bundles of one backend: every test below runs on the GQA graph (KV buffer shared in place) and on
+    the portable standard-op graph (ping-pong KV buffers, position_ids)."""
+    return request.getfixturevalue("fp32_bundles" if request.param == "fast" else "portable_fp32_bundles")
+
+
 @pytest.fixture(scope="module")
-def models(fp32_bundles):
-    return {kind: runtime.load(fp32_bundles[kind], threads=1) for kind in KINDS}
+def models(bundles):
+    return {kind: runtime.load(bundles[kind], threads=1) for kind in KINDS}
 
 
 def greedy(model: runtime.Model, ids: list[int], n: int) -> list[int]:
@@ -95,13 +102,13 @@ def test_prompt_and_decode_logits_match_transformers(models, reference_models, k
 # ----------------------------------------------------------------------------------- the cache tricks
 
 
-def test_multi_turn_prefix_reuse_equals_a_fresh_prefill(models, fp32_bundles) -> None:
+def test_multi_turn_prefix_reuse_equals_a_fresh_prefill(models, bundles) -> None:
     model = models["qwen2_untied"]
     model.reset()
     chat = model.chat(system="You answer in short sentences.")
     turns = ["what is the weather today?", "and the code in python?", "你好，今天天气"]
     results = [chat.send(text, max_new_tokens=12) for text in turns]
-    fresh = runtime.load(fp32_bundles["qwen2_untied"], threads=1)
+    fresh = runtime.load(bundles["qwen2_untied"], threads=1)
     for k, result in enumerate(results):
         history = chat.messages[: 2 + 2 * k]  # system, then user/assistant pairs, ending with user turn k
         assert history[-1] == {"role": "user", "content": turns[k]}
@@ -127,11 +134,11 @@ def test_resending_the_same_prompt_reuses_all_but_one_token(models) -> None:
 
 
 @pytest.mark.parametrize("kind", ["qwen2_tied", "qwen3"])
-def test_chunked_prefill_equals_unchunked(models, fp32_bundles, kind: str) -> None:
+def test_chunked_prefill_equals_unchunked(models, bundles, kind: str) -> None:
     model = models[kind]
     ids = model.encode(" ".join(PROMPTS.values()))
     assert len(ids) > 3 * 7
-    chunked = runtime.load(fp32_bundles[kind], threads=1, prefill_chunk=7)
+    chunked = runtime.load(bundles[kind], threads=1, prefill_chunk=7)
     model.reset()
     np.testing.assert_allclose(prefill(chunked.engine, ids), prefill(model.engine, ids), atol=1e-4, rtol=0)
     assert greedy(chunked, ids, 32) == greedy(model, ids, 32)
@@ -153,8 +160,8 @@ def test_kv_cache_growth_across_chunk_boundaries(models) -> None:
 # ----------------------------------------------------------------------------------- limits and options
 
 
-def test_context_overflow_and_left_truncation(fp32_bundles) -> None:
-    model = runtime.load(fp32_bundles["qwen2_untied"], threads=1, context=64)
+def test_context_overflow_and_left_truncation(bundles) -> None:
+    model = runtime.load(bundles["qwen2_untied"], threads=1, context=64)
     text = " ".join([PROMPTS["english"]] * 8)
     ids = model.encode(text)
     assert len(ids) > 64
@@ -170,11 +177,11 @@ def test_context_overflow_and_left_truncation(fp32_bundles) -> None:
     with pytest.raises(ContextOverflowError, match="exceeds the context length"):
         list(generate(model.engine, ids[:60], Sampler(SamplingParams()), StopRule(5, frozenset())))
     with pytest.raises(GenerationError, match=r"context=1024 is outside 16\.\.512"):
-        runtime.load(fp32_bundles["qwen2_untied"], context=1024)
+        runtime.load(bundles["qwen2_untied"], context=1024)
 
 
-def test_decoding_past_the_context_is_refused(fp32_bundles) -> None:
-    model = runtime.load(fp32_bundles["qwen3"], threads=1, context=16)
+def test_decoding_past_the_context_is_refused(bundles) -> None:
+    model = runtime.load(bundles["qwen3"], threads=1, context=16)
     prefill(model.engine, list(range(3, 19)))  # exactly 16 tokens
     with pytest.raises(ContextOverflowError, match=r"reached the context length \(16 tokens\)"):
         decode_one(model.engine, 5)
@@ -275,14 +282,16 @@ def logits_similarity(model: runtime.Model, reference: runtime.Model) -> tuple[l
     return cosines, same_top
 
 
-@pytest.mark.parametrize("precision", ["int4", "int8", "int4-tied"])
+@pytest.mark.parametrize("precision", ["int4", "int8", "int4-tied", "portable-int8"])
 def test_quantized_bundles_generate_and_track_fp32(models, int4_bundle: Path, int8_bundle: Path,
-                                                   int4_tied_bundle: Path, precision: str) -> None:
-    bundle = {"int4": int4_bundle, "int8": int8_bundle, "int4-tied": int4_tied_bundle}[precision]
+                                                   int4_tied_bundle: Path, portable_int8_bundles, precision: str
+                                                   ) -> None:
+    bundle = {"int4": int4_bundle, "int8": int8_bundle, "int4-tied": int4_tied_bundle,
+              "portable-int8": portable_int8_bundles["qwen2_untied"]}[precision]
     model = runtime.load(bundle, threads=1)
     reference = models["qwen2_tied" if precision == "int4-tied" else "qwen2_untied"]
     cosines, same_top = logits_similarity(model, reference)
-    if precision == "int8":
+    if precision.endswith("int8"):
         assert min(cosines) > 0.99 and all(same_top)
     else:
         assert np.mean(cosines) > 0.9 and min(cosines) > 0.8

@@ -28,6 +28,8 @@ __all__ = ["export", "ExportResult"]
 BITS_PER_WEIGHT = {"int4": 5.2, "int8": 9.3, "fp16": 16.0, "fp32": 32.0}
 # What blockquant.quantize implements; profiles may also name algorithms planned for later (hqq, gptq).
 QUANTIZER_ALGOS = ("rtn", "k_quant")
+# Standard-op graphs: weight-only int8 (DequantizeLinear -> MatMul) or float.
+PORTABLE_PRECISIONS = ("int8", "fp32")
 
 
 @dataclass
@@ -141,18 +143,23 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
            gguf_mode: str | None = None, force: bool = False, verify: bool = True, progress: bool = True,
            threads: int | None = None) -> ExportResult:
     """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``."""
-    from .graph import adjust_genai_config, build_fast_graph
+    from .graph import adjust_genai_config, build_fast_graph, build_portable_graph
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
                               context=context, gguf_mode=gguf_mode)
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
-    if profile.backend != "fast":
-        raise ExportError(f"Profile {profile.name!r} asks for the portable (standard-op) backend, which this "
-                          "version does not build yet.", "use a fast-backend profile (host, rpi5, x86-avx2, "
-                          "cuda, ...) — see `edgeqwen devices`.")
-    if profile.precision in ("int4", "int8") and profile.quant_algo not in QUANTIZER_ALGOS:
+    if profile.backend == "portable":
+        if profile.precision not in PORTABLE_PRECISIONS:
+            raise ExportError(f"The portable backend builds {', '.join(PORTABLE_PRECISIONS)} bundles, not "
+                              f"{profile.precision!r} (profile {profile.name!r}).",
+                              "pass --precision int8 (weight-only, the portable default) or fp32.")
+        if profile.precision == "int8" and profile.quant_algo != "rtn":
+            raise ExportError(f"The portable int8 quantizer is per-channel round-to-nearest; the algorithm "
+                              f"{profile.quant_algo!r} (profile {profile.name!r}) applies to the fast backend.",
+                              "pass --quant-algo rtn, or use a fast-backend profile for k_quant.")
+    elif profile.precision in ("int4", "int8") and profile.quant_algo not in QUANTIZER_ALGOS:
         raise ExportError(f"The quantization algorithm {profile.quant_algo!r} (profile {profile.name!r}) is not "
                           f"implemented by this version's quantizer, which knows {', '.join(QUANTIZER_ALGOS)}.",
                           "pass --quant-algo k_quant (the default) or rtn.")
@@ -168,19 +175,28 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
 
     work = Path(tempfile.mkdtemp(prefix="edgeqwen-graph-"))
     try:
-        with stages.stage("graph", "Building the ONNX graph (onnxruntime-genai model builder, float)"):
-            build = build_fast_graph(src.hf_dir, work, provider=profile.providers[0], io_dtype=profile.io_dtype)
+        portable = profile.backend == "portable"
+        if portable:
+            with stages.stage("graph", "Building the ONNX graph (Optimum exporter, standard ops, float)"):
+                build = build_portable_graph(src.hf_dir, work, progress=progress)
+        else:
+            with stages.stage("graph", "Building the ONNX graph (onnxruntime-genai model builder, float)"):
+                build = build_fast_graph(src.hf_dir, work, provider=profile.providers[0],
+                                         io_dtype=profile.io_dtype)
         with target as tmp:
-            with stages.stage("quantize", f"Quantizing to {profile.precision} ({profile.quant_algo}, block "
-                                          f"{profile.block_size})"):
-                quant = _quantize(work, tmp, profile, src, stages)
+            how = "weight-only, per channel" if portable else f"{profile.quant_algo}, block {profile.block_size}"
+            with stages.stage("quantize", f"Quantizing to {profile.precision} ({how})"):
+                quant = (_quantize_portable if portable else _quantize)(build.folder, tmp, profile, src, stages)
             _copy_tokenizer_files(src.hf_dir, tmp)
             generation = json.loads((tmp / "generation_config.json").read_text()) if (
                 tmp / "generation_config.json").is_file() else {}
-            shutil.copy2(work / "genai_config.json", tmp / "genai_config.json")
-            adjust_genai_config(tmp / "genai_config.json", context=ctx, generation=generation,
-                                provider=profile.providers[0], threads=profile.threads)
-            io = GraphIO(io_dtype="float16" if profile.io_dtype == "fp16" else "float32")
+            if portable:  # onnxruntime-genai needs its contrib-op graph; the portable bundle has no config for it
+                io = GraphIO(position_ids="position_ids", shared_kv_buffer=False)
+            else:
+                shutil.copy2(work / "genai_config.json", tmp / "genai_config.json")
+                adjust_genai_config(tmp / "genai_config.json", context=ctx, generation=generation,
+                                    provider=profile.providers[0], threads=profile.threads)
+                io = GraphIO(io_dtype="float16" if profile.io_dtype == "fp16" else "float32")
             manifest = Manifest(
                 format=FORMAT, format_version=FORMAT_VERSION,
                 name=(src.entry.alias if src.entry else Path(src.spec).name) + f"-{profile.precision}",
@@ -246,6 +262,24 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
     save_with_external_data(model, dest)
     return {"plan": plan.to_dict(), "source_weights": method, "calibrated": importance is not None, "summary": report.summary(),
             "tensors": report.tensors}
+
+
+def _quantize_portable(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
+    import onnx
+
+    from .qdq import quantize_graph_qdq
+    from .quantize import ExternalWeights, save_with_external_data
+
+    model = onnx.load(str(work / "model.onnx"), load_external_data=False)
+    weights = ExternalWeights(model, work)
+    if profile.precision == "fp32":
+        weights.materialize_rest(model)
+        save_with_external_data(model, dest)
+        return {"precision": "fp32", "summary": {"tensors": 0}}
+    report = quantize_graph_qdq(model, weights, progress=lambda it: stages.bar(it, "nodes", "node"))
+    save_with_external_data(model, dest)
+    return {"plan": {"precision": "int8", "algo": "rtn", "granularity": "per-channel", "format": "QDQ"},
+            "source_weights": "dequantized gguf" if src.gguf_path else "float", "calibrated": False, "summary": report.summary(), "tensors": report.tensors}
 
 
 def _print_verification(result) -> None:

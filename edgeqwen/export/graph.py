@@ -8,13 +8,21 @@ and keeps the untied embedding in fp32, which is what we set out to fix. Olive's
 same builder but fails with onnxruntime-genai 0.18 (``No module named ...quantized_model``), so we call the
 builder directly — the manifest records that.
 
-The builder runs in a subprocess: it loads the whole torch model, and its memory should be gone before we
-quantize. Its chatty progress output goes to a log file, whose tail is shown if it fails.
+The ``portable`` backend (CoreML, NNAPI, XNNPACK: providers without those contrib ops) uses Optimum's
+exporter, which writes standard ONNX ops with ``past_key_values.*`` inputs and ``present.*`` outputs.
+optimum-onnx 0.1 pins transformers < 4.58 while the rest of the export needs transformers 5, so it runs in
+its own interpreter with a pinned tool folder (``OPTIMUM_PINS``, installed once under edgeqwen's cache)
+placed first on ``sys.path``. Its graph computes logits for every position; we cut it to the last one.
+
+Both builders run in a subprocess: they load the whole torch model, and its memory should be gone before
+we quantize. Their chatty progress output goes to a log file, whose tail is shown if they fail.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ExportError
+
+# The Optimum stack for the portable backend, installed with --no-deps into its own folder: everything
+# else it imports (torch, numpy, onnx, safetensors, ...) comes from the main environment.
+OPTIMUM_PINS = ("optimum-onnx==0.1.0", "optimum==2.1.0", "transformers==4.57.6", "huggingface_hub==0.36.0",
+                "tokenizers==0.22.1")
 
 BUILDER_EP = {"cpu": "cpu", "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 
@@ -87,3 +100,101 @@ def adjust_genai_config(path: Path, *, context: int, generation: dict, provider:
     if provider != "cpu":
         opts["provider_options"] = [{provider: {}}]
     path.write_text(json.dumps(cfg, indent=4))
+
+
+def optimum_tool_dir(progress: bool = True) -> Path:
+    """The folder holding ``OPTIMUM_PINS``; installed on first use (a few seconds from PyPI).
+
+    ``EDGEQWEN_OPTIMUM_DIR`` points at a folder prepared by hand (e.g. on a machine without PyPI access:
+    ``pip install --no-deps --target DIR <the pins>``).
+    """
+    configured = os.environ.get("EDGEQWEN_OPTIMUM_DIR", "").strip()
+    if configured:
+        folder = Path(configured).expanduser()
+        if not (folder / "optimum").is_dir():
+            raise ExportError(f"EDGEQWEN_OPTIMUM_DIR={folder} does not contain the optimum package.",
+                              "pip install --no-deps --target DIR " + " ".join(OPTIMUM_PINS))
+        return folder
+    from ..catalog import edgeqwen_home
+
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    folder = edgeqwen_home() / "tools" / f"{OPTIMUM_PINS[0].replace('==', '-')}-{tag}"
+    if (folder / ".complete").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if progress:
+        print(f"      installing the portable exporter's tools into {folder} (once)", file=sys.stderr, flush=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--target", str(tmp), *OPTIMUM_PINS]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError("Could not install Optimum's exporter for the portable backend: "
+                          f"{(proc.stderr or proc.stdout).strip()[-800:]}",
+                          "check access to PyPI, or prepare a folder with `pip install --no-deps --target DIR "
+                          + " ".join(OPTIMUM_PINS) + "` and set EDGEQWEN_OPTIMUM_DIR=DIR.")
+    (tmp / ".complete").write_text("\n".join(OPTIMUM_PINS) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def build_portable_graph(hf_dir: Path, work: Path, *, progress: bool = True) -> GraphBuild:
+    """Optimum's standard-op export of ``hf_dir`` into ``work/model.onnx``, cut to last-position logits."""
+    import onnx
+
+    tools = optimum_tool_dir(progress)
+    raw = work / "optimum"
+    raw.mkdir(parents=True, exist_ok=True)
+    logfile = work / "optimum.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tools), os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    worker = Path(__file__).with_name("_optimum_worker.py")
+    t0 = time.perf_counter()
+    with open(logfile, "w") as f:
+        proc = subprocess.run([sys.executable, str(worker), str(hf_dir), str(raw)], stdout=f,
+                              stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not (raw / "model.onnx").is_file():
+        tail = logfile.read_text(errors="replace")[-2000:]
+        raise ExportError(f"Optimum's ONNX exporter failed (exit {proc.returncode}). Last output:\n{tail}",
+                          "check that the source folder holds a complete Qwen2/Qwen3 checkpoint; delete "
+                          f"{tools} to reinstall the exporter's tools.")
+    model = onnx.load(str(raw / "model.onnx"), load_external_data=False)
+    prune_to_last_position(model)
+    # Keep the weights where Optimum wrote them: the quantizer reads them from there with np.memmap.
+    onnx.save_model(model, str(raw / "model.onnx"))
+    builder = f"{OPTIMUM_PINS[0]} exporter (standard ops), in a pinned tool folder"
+    return GraphBuild(folder=raw, backend="portable", builder=builder, seconds=time.perf_counter() - t0)
+
+
+def prune_to_last_position(model) -> None:
+    """Make ``logits`` cover the last position only (``[batch, 1, vocab]``).
+
+    Optimum's graph applies lm_head to every position: a 512-token prompt would cost 512 x 151,936 logits
+    (311 MB in fp32) that the decode loop throws away. A Slice on the hidden states before the lm_head
+    MatMul removes that work; the fast backend gets the same from the builder's ``prune_lm_head``.
+    """
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    graph = model.graph
+    head = next((n for n in graph.node if "logits" in n.output and n.op_type == "MatMul"), None)
+    if head is None:
+        raise ExportError("The exported graph has no MatMul producing 'logits'; Optimum's output changed.",
+                          "report this with the optimum-onnx version; pin the one in OPTIMUM_PINS.")
+    consts = [numpy_helper.from_array(np.array([v], np.int64), f"edgeqwen.last_pos.{k}")
+              for k, v in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))]
+    graph.initializer.extend(consts)
+    sliced = head.input[0] + "/edgeqwen_last_position"
+    node = helper.make_node("Slice", [head.input[0], *(c.name for c in consts)], [sliced],
+                            name="edgeqwen/last_position")
+    head.input[0] = sliced
+    nodes = list(graph.node)
+    nodes.insert(nodes.index(head), node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for out in graph.output:
+        if out.name == "logits":
+            out.type.tensor_type.shape.dim[1].ClearField("dim_param")
+            out.type.tensor_type.shape.dim[1].dim_value = 1

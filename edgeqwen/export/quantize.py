@@ -104,7 +104,9 @@ class ExternalWeights:
         return name in self.inits
 
     def array(self, name: str) -> np.ndarray:
-        t = self.inits[name]
+        return self._read(self.inits[name])
+
+    def _read(self, t: onnx.TensorProto) -> np.ndarray:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             return numpy_helper.to_array(t)
         info = {e.key: e.value for e in t.external_data}
@@ -118,10 +120,12 @@ class ExternalWeights:
 
     def materialize_rest(self, model: onnx.ModelProto) -> None:
         """Load every still-external initializer into memory so the model can be saved elsewhere."""
-        for t in model.graph.initializer:
+        tensors = list(model.graph.initializer)
+        for node in model.graph.node:  # Optimum also stores large Constant-node values externally
+            tensors += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+        for t in tensors:
             if t.data_location == onnx.TensorProto.EXTERNAL:
-                arr = np.array(self.array(t.name))
-                t.CopyFrom(numpy_helper.from_array(arr, t.name))
+                t.CopyFrom(numpy_helper.from_array(np.array(self._read(t)), t.name))
 
 
 def _role(name: str) -> str:

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from ..bundle import Manifest
 from ..errors import ContextOverflowError, GenerationError
-from .kv_cache import KVCache
+from .kv_cache import ConcatKVCache, KVCache
 from .sampling import Sampler
 
 
@@ -61,11 +61,12 @@ class Engine:
         self.context = context
         self.prefill_chunk = prefill_chunk
         dtype = np.float16 if io.io_dtype == "float16" else np.float32
-        self.cache = KVCache(spec.num_layers, spec.kv_heads, spec.head_dim, dtype=dtype,
-                             max_capacity=context, chunk=kv_chunk)
+        cache_type = KVCache if io.shared_kv_buffer else ConcatKVCache
+        self.cache = cache_type(spec.num_layers, spec.kv_heads, spec.head_dim, dtype=dtype,
+                                max_capacity=context, chunk=kv_chunk)
         self.tokens: list[int] = []  # what the cache holds
         self.binding = session.io_binding()
-        self._bound_generation = -1
+        self._positions = np.arange(context, dtype=np.int64)[None, :]
         self._mask = np.ones((1, context), dtype=np.int64)
         self._logits = np.zeros((1, 1, spec.vocab_size), dtype=dtype)
         self._logits_ort = ort.OrtValue.ortvalue_from_numpy(self._logits)
@@ -74,33 +75,24 @@ class Engine:
         if io.logits_last_only:
             self.binding.bind_ortvalue_output(io.logits, self._logits_ort)
 
-    def _bind_cache(self) -> None:
-        io, b = self.io, self.binding
-        for i in range(self.spec.num_layers):
-            k, v = self.cache.key_ort[i], self.cache.value_ort[i]
-            b.bind_ortvalue_input(io.past_key % i, k)
-            b.bind_ortvalue_input(io.past_value % i, v)
-            b.bind_ortvalue_output(io.present_key % i, k)
-            b.bind_ortvalue_output(io.present_value % i, v)
-        self._bound_generation = self.cache.generation
-
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         """Run ``ids`` ([1, n]) after the cached tokens; return the last position's logits row (float32)."""
         n = ids.shape[1]
-        total = self.cache.length + n
-        if self.cache.ensure(total) or self._bound_generation != self.cache.generation:
-            self._bind_cache()
+        past, total = self.cache.length, self.cache.length + n
         b = self.binding
+        self.cache.bind(b, self.io, n)
         if n == 1:
             self._step_ids[0, 0] = ids[0, 0]
             b.bind_ortvalue_input(self.io.input_ids, self._step_ids_ort)
         else:
             b.bind_cpu_input(self.io.input_ids, ids)
         b.bind_cpu_input(self.io.attention_mask, self._mask[:, :total])
+        if self.io.position_ids:
+            b.bind_cpu_input(self.io.position_ids, self._positions[:, past:total])
         if not self.io.logits_last_only:
             b.bind_output(self.io.logits, "cpu")
         self.session.run_with_iobinding(b)
-        self.cache.length = total
+        self.cache.advance(n)
         if self.io.logits_last_only:
             row = self._logits[0, 0]
         else:
