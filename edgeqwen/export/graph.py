@@ -175,8 +175,8 @@ def prune_to_last_position(model) -> None:
     (311 MB in fp32) that the decode loop throws away. A Slice on the hidden states before the lm_head
     MatMul removes that work; the fast backend gets the same from the builder's ``prune_lm_head``.
     """
-    from onnx import helper, numpy_helper
     import numpy as np
+    from onnx import helper, numpy_helper
 
     graph = model.graph
     head = next((n for n in graph.node if "logits" in n.output and n.op_type == "MatMul"), None)

@@ -29,7 +29,23 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     for precision in ("int4", "int8"):
         result = export(DEFAULT_ALIAS, "host", root / precision, precision=precision, progress=True)
         out[precision] = result.bundle
+    # the portable (standard-op) int8 graph, as exported for a Mac; here it runs on the CPU provider
+    out["portable-int8"] = export(DEFAULT_ALIAS, "apple-silicon", root / "portable-int8", progress=True).bundle
     return out
+
+
+def test_portable_export_verifies_with_standard_ops_only(bundles):
+    import onnx
+
+    bundle = bundles["portable-int8"]
+    manifest = json.loads((bundle / "edgeqwen.json").read_text())
+    ver = manifest["verification"]
+    assert manifest["backend"] == "portable" and ver["passed"] is True
+    assert ver["agreement"] >= 0.95 and ver["worst_perplexity_ratio"] <= 1.01
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    assert {n.domain for n in graph.graph.node} == {""}
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.graph.node) == 24 * 7 + 1
+    assert sum(f["size"] for f in manifest["files"].values()) < 650 * 2**20
 
 
 @pytest.mark.parametrize("precision,min_agreement,max_ratio", [("int4", 0.85, 1.10), ("int8", 0.97, 1.02)])
@@ -45,8 +61,9 @@ def test_export_verifies(bundles, precision, min_agreement, max_ratio):
     assert genai["search"]["max_length"] == manifest["spec"]["context_length"]
 
 
-def test_chat_answer_is_sensible(bundles):
-    model = runtime.load(bundles["int4"])
+@pytest.mark.parametrize("kind", ["int4", "portable-int8"])
+def test_chat_answer_is_sensible(bundles, kind):
+    model = runtime.load(bundles[kind])
     result = model.generate([{"role": "user", "content": "Write a Python function `square(x)` that returns x squared."}],
                             max_new_tokens=96, temperature=0)
     assert "def square" in result.text
@@ -54,14 +71,15 @@ def test_chat_answer_is_sensible(bundles):
     assert result.stats["decode_tokens_per_s"] > 5
 
 
-def test_three_turn_prefix_reuse_matches_full_prefill(bundles):
-    model = runtime.load(bundles["int4"])
+@pytest.mark.parametrize("kind", ["int4", "portable-int8"])
+def test_three_turn_prefix_reuse_matches_full_prefill(bundles, kind):
+    model = runtime.load(bundles[kind])
     conv = model.chat(system="You are a concise assistant.")
     turns = ["Name a prime number below 10.", "Now a bigger one, below 20.", "What is their sum?"]
     results = [conv.send(t, max_new_tokens=24, temperature=0) for t in turns]
     assert results[1].stats["reused_tokens"] > 20 and results[2].stats["reused_tokens"] > 40
     # a fresh model on the same history must produce the very same last answer
-    fresh = runtime.load(bundles["int4"], verify=False)
+    fresh = runtime.load(bundles[kind], verify=False)
     again = fresh.generate(conv.messages[:-1], max_new_tokens=24, temperature=0)
     assert fresh.last_result.stats["reused_tokens"] == 0
     assert again.tokens == results[2].tokens
