@@ -213,7 +213,7 @@ class Profile:
     providers: tuple[str, ...] = ("cpu",)
     backend: str = "fast"
     precision: str = "int4"
-    quant_algo: str = "k_quant"
+    quant_algo: str = "gptq"
     gguf_mode: str = "fast"
     block_size: int = 32
     accuracy_level: int = 4

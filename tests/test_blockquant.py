@@ -124,8 +124,60 @@ def test_all_zero_block_stays_zero() -> None:
 
 
 def test_unknown_algorithm_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown block quantization algorithm 'gptq'"):
-        quantize(heavy_tailed(2, 32), 4, 32, "gptq")
+    with pytest.raises(ValueError, match="unknown block quantization algorithm 'awq'"):
+        quantize(heavy_tailed(2, 32), 4, 32, "awq")
+
+
+# ------------------------------------------------------------------------------------------- GPTQ, HQQ
+
+
+def correlated_layer(seed: int = 0, k: int = 256, n: int = 96, tokens: int = 2048):
+    """Weights, inputs with correlated channels (and a few loud ones, as in LLM activations), and H = X^T X."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * 0.3 + np.eye(k)
+    x = rng.standard_normal((tokens, k)) @ mix * (1 + 3 * (rng.random(k) < 0.05))
+    return heavy_tailed(n, k, seed), x, x.T @ x / tokens
+
+
+def output_error(bq: BlockQuantized, w: np.ndarray, x: np.ndarray) -> float:
+    return float(np.linalg.norm(x @ (bq.dequantize() - w).T) / np.linalg.norm(x @ w.T))
+
+
+def test_gptq_lowers_the_layer_output_error_below_the_fitted_quantizer() -> None:
+    w, x, h = correlated_layer()
+    fitted = quantize(w, 4, 32, "k_quant", np.diag(h))
+    gptq = quantize(w, 4, 32, "gptq", np.diag(h), h)
+    assert gptq.bits == 4 and gptq.q.max() <= 15 and np.all(gptq.zero_points <= 15)
+    assert output_error(gptq, w, x) < 0.85 * output_error(fitted, w, x)
+
+
+def test_gptq_with_uncorrelated_inputs_is_the_fitted_quantizer() -> None:
+    """With a diagonal Hessian no error can be moved to other channels: GPTQ must reduce to its block fit."""
+    w = heavy_tailed(8, 96, seed=3)
+    imp = np.linspace(0.5, 2.0, 96)
+    gptq = quantize(w, 4, 32, "gptq", imp, np.diag(imp))
+    fitted = quantize_fitted(w, 4, 32, importance=imp)
+    np.testing.assert_array_equal(gptq.q, fitted.q)
+    # per-block importance normalisation differs in the last digits: same grid, scales within 1e-3
+    np.testing.assert_allclose(gptq.scales, fitted.scales, rtol=1e-3)
+
+
+def test_onnxruntime_gptq_port_still_equals_round_to_nearest() -> None:
+    """Why quantize_gptq is our own: onnxruntime's port propagates no error (it reads the upper Cholesky
+    factor by column). If this starts failing, onnxruntime fixed it and we should call theirs."""
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq
+
+    w, x, h = correlated_layer(seed=1)
+    theirs = gptq(np.ascontiguousarray(w.T), h.copy(), num_bits=4, group_size=32, scheme="asym")
+    rtn = quantize(w, 4, 32, "rtn_asym").dequantize()
+    np.testing.assert_allclose(theirs.T, rtn, atol=1e-7)
+
+
+def test_hqq_gives_integer_zero_points_and_no_worse_than_rtn() -> None:
+    w, x, _ = correlated_layer(seed=2)
+    hqq = quantize(w, 4, 32, "hqq")
+    assert hqq.zero_points.dtype == np.uint8 and hqq.zero_points.max() <= 15 and hqq.q.max() <= 15
+    assert output_error(hqq, w, x) <= 1.01 * output_error(quantize(w, 4, 32, "rtn_asym"), w, x)
 
 
 # ------------------------------------------------------------------------------- agreement with onnxruntime

@@ -42,11 +42,12 @@ def test_bad_precision_override_names_the_allowed_values(tmp_path: Path, qwen2_t
     assert not (tmp_path / "out").exists()
 
 
-def test_portable_profile_is_refused_before_touching_the_source(tmp_path: Path, no_graph_build) -> None:
+def test_portable_options_are_checked_before_touching_the_source(tmp_path: Path, no_graph_build) -> None:
     # the source does not exist: reaching source resolution would raise SourceError instead
-    with pytest.raises(ExportError, match="'apple-silicon' asks for the portable") as info:
-        export(str(tmp_path / "no-such-model"), "apple-silicon", tmp_path / "out", progress=False)
-    assert "does not build yet" in str(info.value) and "use a fast-backend profile" in str(info.value)
+    with pytest.raises(ExportError, match="portable int8 quantizer is per-channel round-to-nearest") as info:
+        export(str(tmp_path / "no-such-model"), "apple-silicon", tmp_path / "out", quant_algo="gptq",
+               progress=False)
+    assert "--quant-algo rtn" in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
@@ -103,12 +104,22 @@ def test_verification_passes_and_is_recorded_for_fp32(tmp_path: Path, qwen3: Pat
     assert on_disk == v
 
 
-@pytest.mark.parametrize("algo", ["hqq", "gptq"])
-def test_profile_algorithms_the_quantizer_lacks_are_refused_early(tmp_path: Path, qwen2_tied: Path, algo: str,
-                                                                 no_graph_build, allow_tiny) -> None:
-    """Profiles may name hqq/gptq, but the block quantizer implements rtn and k_quant only: say so up front
-    instead of failing after the graph build with a bare ValueError."""
-    with pytest.raises(ExportError, match=f"quantization algorithm '{algo}'") as info:
+@pytest.mark.parametrize("algo", ["awq", "smoothquant"])
+def test_unknown_algorithms_are_refused_by_the_profile(tmp_path: Path, qwen2_tied: Path, algo: str,
+                                                       no_graph_build, allow_tiny) -> None:
+    """An algorithm no quantizer implements fails at profile validation, before any graph is built."""
+    with pytest.raises(ProfileError, match="quant_algo") as info:
         export(str(qwen2_tied), "host", tmp_path / "out", precision="int4", quant_algo=algo, progress=False)
-    assert "k_quant" in str(info.value) and "rtn" in str(info.value)
+    assert "gptq" in str(info.value) and "k_quant" in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("algo", ["rtn", "k_quant", "hqq", "gptq"])
+def test_every_profile_algorithm_exports_the_tiny_model(tmp_path: Path, qwen2_untied: Path, algo: str,
+                                                        allow_tiny) -> None:
+    result = export(str(qwen2_untied), "host", tmp_path / "out", precision="int4", quant_algo=algo,
+                    verify=False, progress=False)
+    hows = result.manifest.quantization["summary"]["by_method"]
+    body = {"rtn": "rtn", "k_quant": "k_quant+imatrix", "hqq": "hqq", "gptq": "gptq"}[algo]
+    assert f"{body}/4bit" in hows, hows
+    assert result.manifest.profile["quant_algo"] == algo

@@ -26,8 +26,8 @@ from ..profiles import Profile, check_memory_budget, kv_cache_bytes, load_profil
 __all__ = ["export", "ExportResult"]
 
 BITS_PER_WEIGHT = {"int4": 5.2, "int8": 9.3, "fp16": 16.0, "fp32": 32.0}
-# What blockquant.quantize implements; profiles may also name algorithms planned for later (hqq, gptq).
-QUANTIZER_ALGOS = ("rtn", "k_quant")
+# What blockquant.quantize implements (hqq and gptq through onnxruntime's implementations).
+QUANTIZER_ALGOS = ("rtn", "k_quant", "hqq", "gptq")
 # Standard-op graphs: weight-only int8 (DequantizeLinear -> MatMul) or float.
 PORTABLE_PRECISIONS = ("int8", "fp32")
 
@@ -247,12 +247,12 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
                      lm_head_bits=4 if profile.precision == "int4" else 8,
                      # attention is ~12% of the weights but most of int4's damage (measured, benchmarks/README)
                      eight_bit=("attn.",) if profile.precision == "int4" else ())
-    importance = None
-    if plan.algo == "k_quant":
-        from .calibrate import input_importance
+    importance = hessians = None
+    if plan.algo in ("k_quant", "gptq"):
+        from .calibrate import input_statistics
 
-        importance = input_importance(src.hf_dir)
-    coder = float_coder(plan, importance)
+        importance, hessians = input_statistics(src.hf_dir, hessian_for=("mlp.",) if plan.algo == "gptq" else ())
+    coder = float_coder(plan, importance, hessians)
     method = "float"
     if src.gguf_path is not None:
         from .gguf_repack import gguf_coder

@@ -186,13 +186,81 @@ def _fit_rows(w: np.ndarray, bits: int, block_size: int, grid, imp) -> BlockQuan
     return _finish(q, best_scale, best_zp, bits, block_size, k)
 
 
-def quantize(w: np.ndarray, bits: int, block_size: int, algo: str, importance: np.ndarray | None = None
-             ) -> BlockQuantized:
+def quantize_hqq(w: np.ndarray, bits: int, block_size: int) -> BlockQuantized:
+    """HQQ (half-quadratic optimisation of the zero point), onnxruntime's implementation, calibration-free.
+
+    HQQ ends with a *float* zero point per block; MatMulNBits accepts those only on a slow path (measured
+    40x slower at M=1), so the optimised zero point is rounded to the integer grid and the codes redone.
+    """
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    n, k = w.shape
+    x, _ = _blocks(w, block_size)
+    hqq = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
+    _, scale, zero = hqq.quantize_internal(torch.from_numpy(np.array(x.reshape(n, -1))), bits=bits,
+                                           group_size=block_size)
+    qmax = (1 << bits) - 1
+    scale = scale.numpy().reshape(n, -1).astype(np.float32)
+    zp = np.clip(np.round(zero.numpy().reshape(n, -1)), 0, qmax)
+    q = np.clip(np.round(x / scale[..., None]) + zp[..., None], 0, qmax)
+    return _finish(q, scale, zp, bits, block_size, k)
+
+
+def quantize_gptq(w: np.ndarray, bits: int, block_size: int, hessian: np.ndarray,
+                  importance: np.ndarray | None = None, damp: float = 0.3) -> BlockQuantized:
+    """GPTQ: quantize input channels in order and push each one's rounding error onto the channels not yet
+    quantized, through the inverse of the calibration Hessian ``H = X^T X`` ([K, K]).
+
+    Written here rather than taken from onnxruntime: its port (``neural_compressor.weight_only.gptq``, ORT
+    1.32) propagates the error with a column of the *upper* Cholesky factor, which is zero below the
+    diagonal, so it returns exactly round-to-nearest (checked in tests/test_blockquant.py). Each block's
+    scale and zero point come from the fitted quantizer on the block's error-updated weights, so the grid
+    stays asymmetric with integer zero points (the fast MatMulNBits path).
+    """
+    n, k = w.shape
+    if k % block_size:
+        return quantize_fitted(w, bits, block_size, importance=importance)
+    qmax = (1 << bits) - 1
+    W = np.array(w, np.float64)
+    H = np.array(hessian, np.float64)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(k)] += damp * float(np.mean(np.diag(H)))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U; row j of U carries channel j's error
+    codes = np.zeros((n, k), np.float64)
+    scales = np.zeros((n, k // block_size), np.float32)
+    zps = np.zeros((n, k // block_size), np.float64)
+    for b, g0 in enumerate(range(0, k, block_size)):
+        g1 = g0 + block_size
+        imp = None if importance is None else importance[g0:g1]
+        fit = quantize_fitted(W[:, g0:g1].astype(np.float32), bits, block_size, importance=imp)
+        scale, zp = fit.scales[:, 0].astype(np.float64), fit.zero_points[:, 0].astype(np.float64)
+        errors = np.zeros((n, block_size))
+        for j in range(g0, g1):
+            col = W[:, j]
+            q = np.clip(np.round(col / scale) + zp, 0, qmax)
+            err = (col - (q - zp) * scale) / U[j, j]
+            W[:, j + 1 : g1] -= np.outer(err, U[j, j + 1 : g1])
+            errors[:, j - g0] = err
+            codes[:, j] = q
+        W[:, g1:] -= errors @ U[g0:g1, g1:]
+        scales[:, b], zps[:, b] = scale, zp
+    return _finish(codes, scales, zps, bits, block_size, k)
+
+
+def quantize(w: np.ndarray, bits: int, block_size: int, algo: str, importance: np.ndarray | None = None,
+             hessian: np.ndarray | None = None) -> BlockQuantized:
     """Dispatch on the algorithm name used in device profiles."""
+    if algo == "hqq":
+        return quantize_hqq(w, bits, block_size)
+    if algo == "gptq" and hessian is not None:
+        return quantize_gptq(w, bits, block_size, hessian, importance)
     if algo == "rtn":
         return quantize_rtn(w, bits, block_size, symmetric=True)
     if algo == "rtn_asym":
         return quantize_rtn(w, bits, block_size, symmetric=False)
-    if algo == "k_quant":
+    if algo in ("k_quant", "gptq"):  # gptq without a Hessian (lm_head, embeddings): the fitted quantizer
         return quantize_fitted(w, bits, block_size, importance=importance)
     raise ValueError(f"unknown block quantization algorithm {algo!r}")

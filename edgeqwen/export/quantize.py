@@ -80,14 +80,22 @@ class QuantReport:
 WeightCoder = Callable[[str, np.ndarray, int, str], tuple[BlockQuantized, str]]
 
 
-def float_coder(plan: QuantPlan, importance: dict[str, np.ndarray] | None = None) -> WeightCoder:
-    """Quantize the float weights with the plan's algorithm, weighted by calibration importance if given."""
-    importance = importance or {}
+def float_coder(plan: QuantPlan, importance: dict[str, np.ndarray] | None = None,
+                hessians: dict[str, np.ndarray] | None = None) -> WeightCoder:
+    """Quantize the float weights with the plan's algorithm, weighted by calibration importance if given.
+
+    GPTQ runs where a Hessian was recorded and the weight goes to 4 bits; 8-bit weights and the
+    embedding/lm_head get the fitted (k-quant) quantizer, whose error at 8 bits is already negligible.
+    """
+    importance, hessians = importance or {}, hessians or {}
 
     def code(name: str, w_nk: np.ndarray, bits: int, role: str) -> tuple[BlockQuantized, str]:
-        imp = importance.get(name) if plan.algo == "k_quant" else None
-        how = plan.algo + ("+imatrix" if imp is not None else "")
-        return quantize(w_nk, bits, plan.block_size, plan.algo, imp), how
+        imp = importance.get(name) if plan.algo in ("k_quant", "gptq") else None
+        if plan.algo == "gptq" and bits == 4 and name in hessians:
+            return quantize(w_nk, bits, plan.block_size, "gptq", imp, hessians[name]), "gptq"
+        algo = "k_quant" if plan.algo == "gptq" else plan.algo
+        how = algo + ("+imatrix" if imp is not None else "")
+        return quantize(w_nk, bits, plan.block_size, algo, imp), how
 
     return code
 
