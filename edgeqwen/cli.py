@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .errors import EdgeQwenError
+from .errors import EdgeQwenError, GenerationError
 
 
 def _print_json(data: Any) -> None:
@@ -151,6 +152,66 @@ def cmd_chat(args) -> int:
             _print_stats(conv.last.stats)
 
 
+def _progress(enabled: bool, desc: str):
+    if not enabled:
+        return lambda it: it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # lean runtime install: no bar
+        return lambda it: it
+    return lambda it: tqdm(it, desc=desc, unit="tok", leave=False)
+
+
+def _eval_texts(files: list[str] | None) -> dict[str, str]:
+    if not files:
+        from .export.verify import builtin_texts
+
+        return builtin_texts()
+    texts = {}
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise GenerationError(f"Text file {path} does not exist.", "pass an existing UTF-8 text file.")
+        try:
+            texts[path.stem] = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"{path} is not UTF-8 text ({e.reason}).", "convert it to UTF-8.") from e
+    return texts
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import evaluate, runtime
+
+    model = runtime.load(args.bundle, provider=args.provider, threads=args.threads)
+    reference = evaluate.load_reference(args.reference, threads=args.threads) if args.reference else None
+    show = not args.json
+    if args.metric == "perplexity":
+        text = _eval_texts([args.text])[Path(args.text).stem]
+        result = evaluate.perplexity(model, text, context=args.context, stride=args.stride, reference=reference,
+                                     max_tokens=args.max_tokens, progress=_progress(show, "scoring"))
+        out = result.to_dict()
+    else:
+        if reference is None:
+            raise GenerationError("`eval agreement` compares with a reference model.",
+                                  "pass --reference MODEL (alias, HF folder or .gguf).")
+        texts = _eval_texts(args.text and [args.text])
+        out = evaluate.agreement(model, reference, texts, max_tokens=args.max_tokens or 256,
+                                 progress=_progress(show, "scoring"))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        rows = out["texts"].items() if "texts" in out else [(Path(args.text).stem, out)]
+        print(f"{'text':16} {'tokens':>7} {'perplexity':>11} {'reference':>10} {'ratio':>7} {'agreement':>9}")
+        for name, r in rows:
+            ref = "-" if r["reference_perplexity"] is None else f"{r['reference_perplexity']:.3f}"
+            ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+            agree = "-" if r["agreement"] is None else f"{r['agreement']:.1%}"
+            print(f"{name:16} {r['tokens']:7d} {r['perplexity']:11.3f} {ref:>10} {ratio:>7} {agree:>9}")
+        if "texts" in out:
+            print(f"overall agreement {out['agreement']:.1%} over {out['tokens']} tokens")
+    return 0
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
     p.add_argument("--provider", default="auto", help="auto | cpu | cuda | dml | coreml (default: auto)")
@@ -207,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (REPL)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="perplexity of a bundle on a text, or agreement with a reference model")
+    p.add_argument("metric", choices=["perplexity", "agreement"])
+    p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
+    p.add_argument("--text", help="UTF-8 text file (perplexity: required; agreement: default built-in texts)")
+    p.add_argument("--reference", help="float model to compare with: alias, HF folder or .gguf (needs [export])")
+    p.add_argument("--context", type=int, default=None, help="window tokens (default 1024, <= the bundle's)")
+    p.add_argument("--stride", type=int, default=None, help="tokens the window advances (default context/2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON (keys perplexity, reference_perplexity, "
+                                                       "ratio, tokens, agreement)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -214,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "devices" and args.action == "show" and not args.name:
         print("edgeqwen: error: `devices show` needs a profile name.", file=sys.stderr)
+        return 2
+    if args.command == "eval" and args.metric == "perplexity" and not args.text:
+        print("edgeqwen: error: `eval perplexity` needs --text FILE.", file=sys.stderr)
         return 2
     try:
         return args.func(args) or 0

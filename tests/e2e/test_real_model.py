@@ -133,3 +133,18 @@ def test_corrupted_cached_gguf_is_refetched(tmp_path, monkeypatch):
     from edgeqwen.bundle import sha256_file
 
     assert sha256_file(path) == entry.sha256
+
+
+def test_cli_eval_reports_ratio_and_agreement_on_a_held_out_text(bundles, tmp_path):
+    import inspect
+    import textwrap
+
+    text = tmp_path / "textwrap.py"
+    text.write_text(inspect.getsource(textwrap), encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "edgeqwen.cli", "eval", "perplexity", str(bundles["int4"]),
+                          "--text", str(text), "--reference", DEFAULT_ALIAS, "--max-tokens", "400", "--json"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["tokens"] == 399
+    assert 1.0 <= result["ratio"] <= 1.10 and result["agreement"] >= 0.85
+    assert result["reference_perplexity"] < result["perplexity"] < 20
