@@ -183,24 +183,26 @@ def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQ
     """lm_head MatMulNBits + embedding GatherBlockQuantized reading one codes initializer.
 
     The codes are stored once as MatMulNBits wants them ([V, K_blocks, blob]); the gather reads the same
-    3-D tensor with quantize_axis=2 and a Reshape back to [..., hidden]. Scales/zero points are small and
-    exist in both shapes.
+    3-D tensor with quantize_axis=2 and a Reshape back to [..., hidden]. The scales are stored once too
+    (flat, for MatMulNBits; 16 MB for Qwen's vocabulary) and reshaped in the graph for the gather, a
+    constant onnxruntime folds at load. Zero points (4 MB) exist in the gather's shape only when needed.
     """
     head, inits = _matmul_nbits(matmul, bq, wname, accuracy_level)
-    codes = head.input[1]
+    codes, flat_scales = head.input[1], head.input[2]
     base = "model.embed_tokens.shared"
-    s, z, shape = f"{base}.scales", f"{base}.qzeros", f"{base}.shape"
+    s, z, shape, s_shape = f"{base}.scales", f"{base}.qzeros", f"{base}.shape", f"{base}.scales_shape"
     inits = inits + [
-        numpy_helper.from_array(bq.scales.reshape(bq.n, bq.k_blocks, 1), s),
         numpy_helper.from_array(bq.packed_zero_points().reshape(bq.n, -1, 1), z),
         numpy_helper.from_array(np.array([0, 0, bq.k], np.int64), shape),
+        numpy_helper.from_array(np.array([bq.n, bq.k_blocks, 1], np.int64), s_shape),
     ]
     out = gather.output[0]
+    scales = helper.make_node("Reshape", [flat_scales, s_shape], [s], name=gather.name + "/ScalesReshape")
     gbq = helper.make_node("GatherBlockQuantized", [codes, gather.input[1], s, z], [out + "/blocks"],
                            name=gather.name + "BlockQuantizedShared", domain=MS_DOMAIN, gather_axis=0,
                            quantize_axis=2, block_size=bq.block_size, bits=bq.bits)
     reshape = helper.make_node("Reshape", [out + "/blocks", shape], [out], name=gather.name + "/Reshape")
-    return [gbq, reshape], head, inits
+    return [scales, gbq, reshape], head, inits
 
 
 def _tie_candidates(graph: onnx.GraphProto, weights: "ExternalWeights"):
