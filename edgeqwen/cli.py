@@ -212,6 +212,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench
+
+    def progress(i: int, runs: int) -> None:
+        if not args.json:
+            print(f"  {'warm-up' if i == 0 else f'run {i}/{runs}'} done", file=sys.stderr, flush=True)
+
+    r = bench(args.bundle, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
+              threads=args.threads, provider=args.provider, progress=progress)
+    if args.json:
+        print(json.dumps(r.to_dict(), indent=2))
+        return 0
+    print(f"bundle {r.bundle} ({r.size_mb:.0f} MB) on {r.provider}, {r.threads} threads, load {r.load_s:.2f} s, "
+          f"peak RSS {r.peak_rss_mb:.0f} MB")
+    print(f"{'test':14} {'median':>10} {'min':>10} {'max':>10}")
+    for label, d in ((f"pp{r.prompt_tokens} t/s", r.prefill_tps), (f"tg{r.new_tokens} t/s", r.decode_tps),
+                     (f"ttft{r.prompt_tokens} s", r.ttft_s)):
+        print(f"{label:14} {d['median']:10.2f} {d['min']:10.2f} {d['max']:10.2f}")
+    return 0
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
     p.add_argument("--provider", default="auto", help="auto | cpu | cuda | dml | coreml (default: auto)")
@@ -268,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (REPL)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="time a bundle: load, TTFT, prefill and decode tokens/s, peak memory")
+    p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="measured runs after one warm-up (default 5)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--provider", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="perplexity of a bundle on a text, or agreement with a reference model")
     p.add_argument("metric", choices=["perplexity", "agreement"])
