@@ -8,7 +8,15 @@ system and writes JSON to benchmarks/results/.
     python benchmarks/compare.py --ours bundles/x --genai path    # explicit folders
 
 Systems: edgeqwen (our bundle, our runtime), onnxruntime-genai running *our* bundle (through its
-genai_config.json), and onnxruntime-genai on its own builder's default int4 output from the same source.
+genai_config.json), onnxruntime-genai on its own builder's default int4 output from the same source,
+llama.cpp (llama-cpp-python) on the source GGUF itself (Q4_K_M), and Optimum's ORTModelForCausalLM on its
+own fp32 export (run with the pinned Optimum tool folder the portable backend uses). A peer that is not
+installed gets a row saying so; rows are never dropped.
+
+Also: a streaming-read bandwidth probe (``bandwidth.py``) and the weight bytes each system reads per
+decoded token, so every decode figure is shown as a fraction of the bandwidth ceiling; a PNG chart is
+written next to the JSON when matplotlib is installed. ``--quick`` runs the whole harness on the tests'
+tiny model (CI smoke run; its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -44,6 +52,39 @@ if kind == "edgeqwen":
     st = Stats()
     list(generate(m.engine, ids, Sampler(SamplingParams()), StopRule(n_new, frozenset()), st))
     out = {"load_s": load, "ttft_s": st.ttft_s, "decode_tps": st.decode_tps, "prefill_tps": st.prefill_tps}
+elif kind == "llama.cpp":
+    import numpy as np
+    from llama_cpp import Llama
+    llm = Llama(model_path=folder, n_ctx=n_prompt + n_new + 16, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
+    load = time.perf_counter() - t0
+    ids = llm.tokenize(text.encode(), add_bos=False)[:n_prompt]
+    t1 = time.perf_counter()
+    llm.eval(ids)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    ttft = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    for _ in range(n_new - 1):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    dec = (n_new - 1) / (time.perf_counter() - t2)
+    out = {"load_s": load, "ttft_s": ttft, "decode_tps": dec, "prefill_tps": len(ids) / ttft}
+elif kind == "optimum":
+    import onnxruntime as ort, torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+    torch.set_num_threads(threads)
+    so = ort.SessionOptions(); so.intra_op_num_threads = threads
+    m = ORTModelForCausalLM.from_pretrained(folder, session_options=so, provider="CPUExecutionProvider")
+    tok = AutoTokenizer.from_pretrained(folder)
+    load = time.perf_counter() - t0
+    ids = torch.tensor([tok(text).input_ids[:n_prompt]])
+    kw = dict(do_sample=False, pad_token_id=0)
+    t1 = time.perf_counter(); m.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw); ttft = time.perf_counter() - t1
+    t2 = time.perf_counter(); m.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, **kw)
+    full = time.perf_counter() - t2
+    out = {"load_s": load, "ttft_s": ttft, "decode_tps": (n_new - 1) / max(full - ttft, 1e-9),
+           "prefill_tps": ids.shape[1] / ttft}
 else:
     import onnxruntime_genai as og
     cfg = og.Config(folder)
@@ -75,7 +116,7 @@ def folder_mb(folder: Path) -> float:
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cores": os.cpu_count()}
     try:
-        from edgeqwen.profiles import detect_host
+        from edgeqwen.hostinfo import detect_host
 
         h = detect_host()
         info |= {"cpu": h.cpu_model, "isa": list(h.isa), "ram_mb": h.ram_mb}
@@ -93,6 +134,10 @@ def machine() -> dict:
 
 def run_once(kind: str, folder: Path, args, text_file: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if kind == "optimum":  # transformers 4.57 + optimum from the pinned tool folder, first on the path
+        from edgeqwen.export.graph import optimum_tool_dir
+
+        env["PYTHONPATH"] = os.pathsep.join([str(optimum_tool_dir(progress=False)), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", WORKER, kind, str(folder), str(args.prompt_tokens),
                           str(args.new_tokens), str(args.threads), str(text_file)],
                          capture_output=True, text=True, env=env)
@@ -110,6 +155,61 @@ def ensure_genai_default(hf_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def ensure_optimum_export(hf_dir: Path, dest: Path) -> Path:
+    """Optimum's own fp32 export (what ORTModelForCausalLM users run), through the pinned tool folder."""
+    if not (dest / "model.onnx").is_file():
+        from edgeqwen.export.graph import optimum_tool_dir
+
+        import edgeqwen.export as ex
+
+        worker = Path(ex.__file__).with_name("_optimum_worker.py")
+        env = dict(os.environ, PYTHONPATH=str(optimum_tool_dir(progress=False)), HF_HUB_OFFLINE="1")
+        subprocess.run([sys.executable, str(worker), str(hf_dir), str(dest)], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return dest
+
+
+def bytes_per_token(kind: str, folder: Path) -> int | None:
+    """Weight bytes one decode step reads (for the bandwidth ceiling)."""
+    from bandwidth import weight_bytes_per_token
+
+    try:
+        if kind == "llama.cpp":
+            from gguf import GGUFReader
+
+            tensors = GGUFReader(str(folder)).tensors
+            total = sum(int(t.n_bytes) for t in tensors if t.name != "token_embd.weight")
+            emb = next((t for t in tensors if t.name == "token_embd.weight"), None)
+            return total + (int(emb.n_bytes) // int(emb.shape[-1]) if emb is not None else 0)
+        return weight_bytes_per_token(folder)
+    except Exception:  # noqa: BLE001 - a missing figure, not a failed benchmark
+        return None
+
+
+def chart(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if "decode_tps" in r]
+    names = [r["system"].replace(" ", "\n", 2) for r in ok]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title in zip(axes, ("decode_tps", "ttft_s", "peak_rss_mb"),
+                              ("decode tokens/s (higher is better)", "TTFT, 512-token prompt, s (lower is better)",
+                               "peak RSS, MB (lower is better)")):
+        ax.bar(range(len(ok)), [r[key] for r in ok], color=["#2a7" if r["system"].startswith("edgeqwen") else "#999"
+                                                            for r in ok])
+        ax.set_xticks(range(len(ok)), names, fontsize=7)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ours", action="append", help="edgeqwen bundle folder (repeatable)")
@@ -119,21 +219,34 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--text", type=Path, help="prompt text (default: a real licence text + Python source)")
+    ap.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: the source GGUF of the default model)")
+    ap.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum"],
+                    help="leave a peer out (it still gets a row)")
+    ap.add_argument("--quick", action="store_true", help="tiny random model, 1 run, short prompt (CI smoke run)")
     args = ap.parse_args()
+    sys.path.insert(0, str(HERE))
 
     from edgeqwen.catalog import DEFAULT_ALIAS
     from edgeqwen.export.sources import resolve_source
 
-    work = HERE / "work"
-    work.mkdir(exist_ok=True)
-    src = resolve_source(DEFAULT_ALIAS, progress=False)
+    work = HERE / "work" / ("quick" if args.quick else "")
+    work.mkdir(parents=True, exist_ok=True)
+    model = DEFAULT_ALIAS
+    if args.quick:
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from conftest import tiny_model  # noqa: PLC0415 - the tests' tiny model builder
+
+        model = str(tiny_model("qwen2_untied"))
+        os.environ["EDGEQWEN_ALLOW_ANY_SIZE"] = "1"
+        args.runs, args.prompt_tokens, args.new_tokens = 1, min(args.prompt_tokens, 64), min(args.new_tokens, 16)
+    src = resolve_source(model, progress=False)
     ours = [Path(p) for p in (args.ours or [])]
     if not ours:
         from edgeqwen.export import export
 
         dest = work / "edgeqwen-int4"
         if not (dest / "edgeqwen.json").is_file():
-            export(DEFAULT_ALIAS, "host", dest, force=True, progress=False)
+            export(model, "host", dest, force=True, progress=False, verify=False)
         ours = [dest]
     genai_dir = ensure_genai_default(src.hf_dir, Path(args.genai) if args.genai else work / "genai-int4")
     text_file = args.text or (work / "prompt.txt")
@@ -146,6 +259,33 @@ def main() -> int:
 
     systems = [(f"edgeqwen {p.name}", "edgeqwen", p) for p in ours]
     systems += [(f"genai on {ours[0].name}", "genai", ours[0]), ("genai default int4", "genai", genai_dir)]
+    missing: dict[str, str] = {}
+    gguf = args.gguf or src.gguf_path
+    try:
+        import llama_cpp  # noqa: F401
+
+        has_llama = True
+    except ImportError:
+        has_llama = False
+    if "llama.cpp" in args.skip:
+        missing["llama.cpp Q4_K_M (source GGUF)"] = "skipped (--skip llama.cpp)"
+    elif not has_llama:
+        missing["llama.cpp Q4_K_M (source GGUF)"] = "not installed (pip install -r benchmarks/requirements.txt)"
+    elif gguf is None:
+        missing["llama.cpp Q4_K_M (source GGUF)"] = "no GGUF source (pass --gguf)"
+    else:
+        systems.append(("llama.cpp Q4_K_M (source GGUF)", "llama.cpp", Path(gguf)))
+    if "optimum" in args.skip:
+        missing["optimum ORTModelForCausalLM fp32"] = "skipped (--skip optimum)"
+    else:
+        try:
+            systems.append(("optimum ORTModelForCausalLM fp32", "optimum",
+                            ensure_optimum_export(src.hf_dir, work / "optimum-fp32")))
+        except (subprocess.CalledProcessError, Exception) as e:  # noqa: BLE001 - reported as a row
+            missing["optimum ORTModelForCausalLM fp32"] = f"export failed: {str(e).splitlines()[0][:120]}"
+    from bandwidth import read_bandwidth_gbs
+
+    bandwidth = read_bandwidth_gbs(threads=args.threads)
     samples: dict[str, list[dict]] = {name: [] for name, _, _ in systems}
     for r in range(args.runs):
         for name, kind, folder in systems:  # interleaved: A B C A B C ...
@@ -163,26 +303,39 @@ def main() -> int:
             rows.append({"system": name, "error": "failed"})
             continue
         med = {k: statistics.median(x[k] for x in s) for k in s[0]}
-        rows.append({"system": name, "size_mb": folder_mb(folder), **{k: round(v, 3) for k, v in med.items()},
-                     "decode_tps_min": round(min(x["decode_tps"] for x in s), 2),
-                     "decode_tps_max": round(max(x["decode_tps"] for x in s), 2)})
+        size = round(folder.stat().st_size / 2**20, 1) if folder.is_file() else folder_mb(folder)
+        row = {"system": name, "size_mb": size, **{k: round(v, 3) for k, v in med.items()},
+               "decode_tps_min": round(min(x["decode_tps"] for x in s), 2),
+               "decode_tps_max": round(max(x["decode_tps"] for x in s), 2)}
+        per_token = bytes_per_token(kind, folder)
+        if per_token:
+            row["weight_mb_per_token"] = round(per_token / 2**20, 1)
+            row["fraction_of_bandwidth"] = round(row["decode_tps"] * per_token / (bandwidth * 1e9), 3)
+        rows.append(row)
+    rows += [{"system": name, "error": why} for name, why in missing.items()]
     base = next(r for r in rows if "error" not in r)
-    print(f"\n{'system':34} {'size MB':>8} {'load s':>7} {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10} "
-          f"{'RSS MB':>7} {'decode ×':>8} {'TTFT ×':>7} {'RSS ×':>6}")
+    print(f"\n{'system':36} {'size MB':>8} {'load s':>7} {'TTFT s':>7} {'prefill t/s':>11} {'decode t/s':>10} "
+          f"{'RSS MB':>7} {'decode ×':>8} {'TTFT ×':>7} {'RSS ×':>6} {'% of BW':>7}")
     for r in rows:
         if "error" in r:
-            print(f"{r['system']:34} failed")
+            print(f"{r['system']:36} {r['error']}")
             continue
-        print(f"{r['system']:34} {r['size_mb']:8.0f} {r['load_s']:7.2f} {r['ttft_s']:7.2f} {r['prefill_tps']:11.1f} "
+        bw = f"{r['fraction_of_bandwidth']:.0%}" if "fraction_of_bandwidth" in r else "-"
+        print(f"{r['system']:36} {r['size_mb']:8.0f} {r['load_s']:7.2f} {r['ttft_s']:7.2f} {r['prefill_tps']:11.1f} "
               f"{r['decode_tps']:10.1f} {r['peak_rss_mb']:7.0f} {r['decode_tps'] / base['decode_tps']:8.2f} "
-              f"{r['ttft_s'] / base['ttft_s']:7.2f} {r['peak_rss_mb'] / base['peak_rss_mb']:6.2f}")
-    report = {"machine": machine(), "settings": vars(args) | {"text": str(text_file)}, "results": rows,
+              f"{r['ttft_s'] / base['ttft_s']:7.2f} {r['peak_rss_mb'] / base['peak_rss_mb']:6.2f} {bw:>7}")
+    print(f"streaming read bandwidth: {bandwidth:.1f} GB/s ({args.threads} threads)")
+    report = {"machine": machine() | {"read_bandwidth_gbs": round(bandwidth, 2)},
+              "settings": vars(args) | {"text": str(text_file)}, "results": rows,
               "ratios_to": base["system"], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir = HERE / "results"
     out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stem = f"compare-{'quick-' if args.quick else ''}{time.strftime('%Y%m%d-%H%M%S')}"
+    path = out_dir / f"{stem}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
+    if chart(rows, out_dir / f"{stem}.png"):
+        print(f"chart: {out_dir / (stem + '.png')}", file=sys.stderr)
     print(f"\nwritten: {path}", file=sys.stderr)
     return 0
 

@@ -28,6 +28,7 @@ def run_script(name: str, *args: str) -> dict:
     path = Path(written[-1].removeprefix("written: "))
     report = json.loads(path.read_text())
     path.unlink()  # a smoke run's figures are not results
+    path.with_suffix(".png").unlink(missing_ok=True)
     return report
 
 
@@ -39,3 +40,33 @@ def test_export_bench_quick(tiny_models):
         assert r["exit"] == 0 and r["wall_s"] > 0 and r["size_mb"] > 0
     # int8 holds twice the bits of int4 in the body: its bundle must be the larger one
     assert systems["edgeqwen int8"]["size_mb"] > systems["edgeqwen int4 (default)"]["size_mb"]
+
+
+def test_compare_quick(tiny_models):
+    report = run_script("compare.py", "--quick", "--threads", "1")
+    rows = {r["system"]: r for r in report["results"]}
+    assert report["machine"]["read_bandwidth_gbs"] > 0.1
+    measured = [r for r in rows.values() if "error" not in r]
+    names = set(rows)
+    assert {"genai default int4", "optimum ORTModelForCausalLM fp32"} <= names
+    assert any(n.startswith("edgeqwen ") for n in names) and any(n.startswith("genai on ") for n in names)
+    assert "llama.cpp Q4_K_M (source GGUF)" in names  # measured, or a row saying why not: never dropped
+    for r in measured:
+        assert r["decode_tps"] > 0 and r["ttft_s"] > 0 and r["peak_rss_mb"] > 0
+        assert 0 < r["fraction_of_bandwidth"] and r["weight_mb_per_token"] > 0
+    assert "optimum ORTModelForCausalLM fp32" in {r["system"] for r in measured}
+
+
+def test_bandwidth_bytes_per_token_counts_each_weight_once(int4_tied_bundle):
+    import onnx
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bandwidth import read_bandwidth_gbs, weight_bytes_per_token
+
+    graph = onnx.load(str(int4_tied_bundle / "model.onnx"), load_external_data=False).graph
+    sizes = {t.name: t for t in graph.initializer}
+    per_token = weight_bytes_per_token(int4_tied_bundle)
+    data = (int4_tied_bundle / "model.onnx.data").stat().st_size
+    assert 0.5 * data < per_token <= data  # nearly every stored byte is read per token, nothing twice
+    assert {n.op_type for n in graph.node} >= {"MatMulNBits"} and sizes
+    assert read_bandwidth_gbs(mb=64, threads=1, repeats=2) > 0.1
