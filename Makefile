@@ -31,8 +31,11 @@ unit: install
 e2e: install
 	$(BIN)/python -m pytest -q -m e2e
 
+# llama.cpp is built from source; explicit x86 ISA flags (no AMX: advertised but unusable on some VMs)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON
+
 bench: install
-	$(BIN)/pip install -q -c constraints.txt -r benchmarks/requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -c constraints.txt -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/compare.py
 
 clean:

@@ -59,14 +59,17 @@ elif kind == "llama.cpp":
                 n_batch=512, verbose=False)
     load = time.perf_counter() - t0
     ids = llm.tokenize(text.encode(), add_bos=False)[:n_prompt]
+    n_vocab = llm.n_vocab()
+    def last_logits():  # the context's own buffer: Llama.scores is only filled with logits_all=True
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
     t1 = time.perf_counter()
     llm.eval(ids)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     ttft = time.perf_counter() - t1
     t2 = time.perf_counter()
     for _ in range(n_new - 1):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits()))
     dec = (n_new - 1) / (time.perf_counter() - t2)
     out = {"load_s": load, "ttft_s": ttft, "decode_tps": dec, "prefill_tps": len(ids) / ttft}
 elif kind == "optimum":
@@ -194,15 +197,17 @@ def chart(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    import textwrap
+
     ok = [r for r in rows if "decode_tps" in r]
-    names = [r["system"].replace(" ", "\n", 2) for r in ok]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    names = [textwrap.fill(r["system"], 18) for r in ok]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
     for ax, key, title in zip(axes, ("decode_tps", "ttft_s", "peak_rss_mb"),
                               ("decode tokens/s (higher is better)", "TTFT, 512-token prompt, s (lower is better)",
                                "peak RSS, MB (lower is better)")):
         ax.bar(range(len(ok)), [r[key] for r in ok], color=["#2a7" if r["system"].startswith("edgeqwen") else "#999"
                                                             for r in ok])
-        ax.set_xticks(range(len(ok)), names, fontsize=7)
+        ax.set_xticks(range(len(ok)), names, fontsize=7, rotation=35, ha="right")
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
