@@ -81,6 +81,7 @@ def main() -> int:
         row = {"system": name, "wall_s": round(wall, 1), "exit": code}
         if code == 0:
             row["size_mb"] = folder_mb(out)
+            row["size_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         else:
             row["error"] = tail.strip().splitlines()[-1] if tail.strip() else "failed"
         rows.append(row)

@@ -39,7 +39,7 @@ def test_export_bench_quick(tiny_models):
     for r in systems.values():
         assert r["exit"] == 0 and r["wall_s"] > 0 and r["size_mb"] > 0
     # int8 holds twice the bits of int4 in the body: its bundle must be the larger one
-    assert systems["edgeqwen int8"]["size_mb"] > systems["edgeqwen int4 (default)"]["size_mb"]
+    assert systems["edgeqwen int8"]["size_bytes"] > systems["edgeqwen int4 (default)"]["size_bytes"]
 
 
 def test_compare_quick(tiny_models):
