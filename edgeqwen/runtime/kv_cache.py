@@ -20,6 +20,14 @@ import numpy as np
 import onnxruntime as ort
 
 
+def grown_capacity(total: int, chunk: int, max_capacity: int) -> int:
+    """Capacity for ``total`` tokens: whole chunks with at least half a chunk of headroom, capped."""
+    new_cap = min(max_capacity, -(-(total + chunk // 2) // chunk) * chunk)
+    if new_cap < total:
+        raise ValueError(f"KV cache needs {total} tokens, above its maximum {max_capacity}")
+    return new_cap
+
+
 class KVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, *, dtype=np.float32,
                  max_capacity: int, chunk: int = 256):
@@ -44,9 +52,7 @@ class KVCache:
         """Make room for ``total`` tokens; returns True when buffers were (re)allocated."""
         if total <= self.capacity:
             return False
-        new_cap = min(self.max_capacity, -(-(total + self.chunk // 2) // self.chunk) * self.chunk)
-        if new_cap < total:
-            raise ValueError(f"KV cache needs {total} tokens, above its maximum {self.max_capacity}")
+        new_cap = grown_capacity(total, self.chunk, self.max_capacity)
         shape = (*self.shape_head, new_cap, self.head_dim)
         keys = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
         values = [np.zeros(shape, self.dtype) for _ in range(self.num_layers)]
@@ -110,9 +116,7 @@ class ConcatKVCache:
     def ensure(self, total: int) -> bool:
         if total <= self.capacity:
             return False
-        new_cap = min(self.max_capacity, -(-(total + self.chunk // 2) // self.chunk) * self.chunk)
-        if new_cap < total:
-            raise ValueError(f"KV cache needs {total} tokens, above its maximum {self.max_capacity}")
+        new_cap = grown_capacity(total, self.chunk, self.max_capacity)
         size = self.kv_heads * new_cap * self.head_dim
         fresh = [[np.zeros(size, self.dtype) for _ in range(2 * self.num_layers)] for _ in range(2)]
         used = self.kv_heads * self.length * self.head_dim
