@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..evaluate import log_softmax_pick as nll_and_top1  # one NLL/argmax routine for export and eval
+
 # (min top-1 agreement, max perplexity ratio) per precision. Set from measurement on Qwen2.5-Coder-0.5B
 # (see benchmarks/README.md); they are floors that catch a broken export, not quality goals.
 THRESHOLDS: dict[str, tuple[float, float]] = {
@@ -76,15 +78,6 @@ def builtin_texts() -> dict[str, str]:
     for name in ("verify_en.txt", "verify_code.txt"):
         out[name.removeprefix("verify_").removesuffix(".txt")] = (base / name).read_text(encoding="utf-8")
     return out
-
-
-def nll_and_top1(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position negative log-likelihood of ``targets`` and argmax, from rows of logits (float64 maths)."""
-    x = logits.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    logz = (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))[:, 0]
-    picked = x[np.arange(len(targets)), targets]
-    return logz - picked, x.argmax(axis=-1)
 
 
 def bundle_logits(model, tokens: Sequence[int]) -> Iterable[np.ndarray]:
