@@ -69,7 +69,7 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "accuracy_level", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
+    "accuracy_level", "eight_bit", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
 _MANIFEST_EXTRA_KEYS = ("source", "host")
@@ -151,6 +151,31 @@ def _check_providers(key: str, value: Any, source: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+_EIGHT_BIT_RE = re.compile(r"^(layers\.\d+\.)?(attn|mlp)\.(qkv_proj|o_proj|gate_proj|up_proj|down_proj)?$")
+# What the int4 profiles keep at 8 bits, from benchmarks/sensitivity.py on Qwen2.5-Coder-0.5B: attention is
+# ~12% of the weights, and the gate projections carry most of the rest of int4's loss (SiLU(gate) multiplies
+# the up projection, so its error is amplified). "measured" adds the layers the model's catalog entry lists
+# as most sensitive (layer indices are per model, so they cannot live in a device profile).
+MEASURED = "measured"
+DEFAULT_EIGHT_BIT = ("attn.", "mlp.gate_proj", MEASURED)
+
+
+def _check_eight_bit(key: str, value: Any, source: str) -> tuple[str, ...]:
+    allowed = ("'measured' (the catalog model's most sensitive layers) and weight-name patterns such as "
+               "'attn.', 'mlp.gate_proj', 'layers.23.mlp.' (attn|mlp, optionally "
+               "qkv_proj|o_proj|gate_proj|up_proj|down_proj, optionally after layers.N.)")
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise _bad_value(key, value, "a list of " + allowed, source)
+    out = []
+    for item in items:
+        norm = item.strip() if isinstance(item, str) else item
+        if not isinstance(norm, str) or not (norm == MEASURED or _EIGHT_BIT_RE.match(norm)):
+            raise _bad_value(key, item, allowed, source)
+        out.append(norm)
+    return tuple(dict.fromkeys(out))
+
+
 def _check_provider_options(key: str, value: Any, source: str) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict):
         raise _bad_value(key, value, "a table of tables, e.g. [provider_options.cuda]", source)
@@ -177,6 +202,7 @@ _CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "gguf_mode": _choice(GGUF_MODES),
     "block_size": _choice(BLOCK_SIZES),
     "accuracy_level": _int_range(0, 4),
+    "eight_bit": _check_eight_bit,
     "io_dtype": _choice(IO_DTYPES),
     "context": _int_range(*CONTEXT_RANGE),
     "threads": _int_range(0, None),
@@ -217,6 +243,7 @@ class Profile:
     gguf_mode: str = "fast"
     block_size: int = 32
     accuracy_level: int = 4
+    eight_bit: tuple[str, ...] = DEFAULT_EIGHT_BIT  # int4 bundles: weights matching these stay 8-bit
     io_dtype: str = "fp32"
     context: int = 4096
     threads: int = 0
@@ -271,6 +298,7 @@ class Profile:
         detected machine so a bundle records where it was tuned."""
         out: dict[str, Any] = {k: getattr(self, k) for k in PROFILE_KEYS}
         out["providers"] = list(self.providers)
+        out["eight_bit"] = list(self.eight_bit)
         out["provider_options"] = {p: dict(o) for p, o in self.provider_options.items()}
         out["source"] = self.source
         if self.host is not None:

@@ -75,6 +75,13 @@ def test_pack_unpack_round_trip(bits: int, algo: str) -> None:
     np.testing.assert_array_equal(zp, bq.zero_points)
     rebuilt = BlockQuantized(q, bq.scales, zp, bits, 32, 96)
     np.testing.assert_array_equal(rebuilt.dequantize(), bq.dequantize())
+    # reading a bundle's flat initializers back (the zero points are absent when they are the implicit ones)
+    zp_init = None if bq.default_zero_point() else bq.packed_zero_points().reshape(-1)
+    back = BlockQuantized.from_packed(packed.reshape(-1), bq.scales.reshape(-1), zp_init, n=24, k=96, bits=bits,
+                                      block_size=32)
+    np.testing.assert_array_equal(back.q, bq.q)
+    np.testing.assert_array_equal(back.zero_points, bq.zero_points)
+    np.testing.assert_array_equal(back.dequantize(), bq.dequantize())
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -150,6 +150,7 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path):
     ("providers", ["tpu"], ["cpu", "cuda", "qnn"]),
     ("context", 100, ["256", "131072"]),
     ("accuracy_level", 7, ["0", "4"]),
+    ("eight_bit", ["mlp.gate"], ["measured", "attn.", "mlp.gate_proj", "layers.N."]),
 ])
 def test_bad_value_names_value_and_allowed(key, value, allowed):
     with pytest.raises(ProfileError) as exc:
@@ -159,6 +160,14 @@ def test_bad_value_names_value_and_allowed(key, value, allowed):
     assert repr(value if not isinstance(value, list) else value[0]) in msg
     for word in allowed:
         assert word in msg
+
+
+def test_eight_bit_patterns_are_normalised_and_recorded():
+    prof = load_profile("rpi5", eight_bit="attn., layers.23.mlp., attn.")
+    assert prof.eight_bit == ("attn.", "layers.23.mlp.")
+    assert prof.to_dict()["eight_bit"] == ["attn.", "layers.23.mlp."]
+    assert load_profile("rpi5").eight_bit == ("attn.", "mlp.gate_proj", "measured")  # the measured default
+    assert load_profile("rpi5", eight_bit=["measured"]).eight_bit == ("measured",)
 
 
 def test_negative_threads_and_tiny_budget_refused():

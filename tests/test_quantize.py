@@ -179,8 +179,9 @@ def test_quantized_bundles_have_only_block_quantized_weights(int4_bundle, int8_b
     bits = {name: t["bits"] for name, t in tensors.items()}
     if precision == "int8":
         assert set(bits.values()) == {8}
-    else:  # int4 bundles: the MLP, embedding and lm_head are 4-bit
-        assert {bits[n] for n in bits if ".mlp." in n or "lm_head" in n or "embed" in n} == {4}
+    else:  # int4 bundles: the profile's eight_bit kinds (attention, gate) 8-bit; up/down, embedding, lm_head 4-bit
+        assert {bits[n] for n in bits if ".attn." in n or "gate_proj" in n} == {8}
+        assert {bits[n] for n in bits if "up_proj" in n or "down_proj" in n or "lm_head" in n or "embed" in n} == {4}
 
 
 def test_tied_int4_bundle_stores_the_shared_matrix_once(int4_tied_bundle) -> None:
@@ -190,3 +191,46 @@ def test_tied_int4_bundle_stores_the_shared_matrix_once(int4_tied_bundle) -> Non
     assert gbq.input[0] == head.input[1]
     assert read_manifest(int4_tied_bundle).quantization["summary"]["shared_embeddings"]["bits"] == 8
     assert ops["MatMulNBits"] == 5 * LAYERS + 1
+
+
+def test_int4_keeps_profile_kinds_and_the_models_measured_layers_at_8_bits():
+    from types import SimpleNamespace
+
+    from edgeqwen.catalog import CATALOG
+    from edgeqwen.export import _eight_bit
+    from edgeqwen.profiles import load_profile
+
+    entry = CATALOG["qwen2.5-coder-0.5b-instruct"]
+    kept = _eight_bit(load_profile("rpi5"), SimpleNamespace(entry=entry))
+    assert kept[:2] == ("attn.", "mlp.gate_proj") and "layers.23.mlp." in kept
+    assert "measured" not in kept
+    assert _eight_bit(load_profile("rpi5"), SimpleNamespace(entry=None)) == ("attn.", "mlp.gate_proj")
+    # a profile without "measured" keeps exactly its own patterns (the smallest int4 bundle)
+    assert _eight_bit(load_profile("rpi5", eight_bit=["attn."]), SimpleNamespace(entry=entry)) == ("attn.",)
+    assert _eight_bit(load_profile("rpi5", precision="int8"), SimpleNamespace(entry=entry)) == ()
+    # the substring patterns must not spill over to neighbouring layer numbers
+    plan_names = [f"model.layers.{i}.mlp.up_proj.MatMul.weight" for i in range(24)]
+    hit = [n for n in plan_names if any(p in n for p in kept)]
+    assert hit == [f"model.layers.{i}.mlp.up_proj.MatMul.weight" for i in (6, 14, 16, 19, 23)]
+
+
+def test_weight_estimate_counts_the_eight_bit_weights() -> None:
+    """The RAM budget check must see what mixed precision costs (a flat 5.2 bits/weight was 25% low)."""
+    from types import SimpleNamespace
+
+    from edgeqwen.catalog import CATALOG
+    from edgeqwen.export import _eight_bit, estimate_weight_bytes
+    from edgeqwen.profiles import load_profile
+
+    entry = CATALOG["qwen2.5-coder-0.5b-instruct"]
+    config = dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, vocab_size=151936,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False, model_type="qwen2")
+
+    def mib(**overrides) -> float:
+        plan = _eight_bit(load_profile("host", **overrides), SimpleNamespace(entry=entry))
+        return estimate_weight_bytes(config, overrides.get("precision", "int4"), plan) / 2**20
+
+    smallest, default = mib(eight_bit=["attn."]), mib()
+    assert 390 < smallest < 433 and 450 < default < 497  # written bundles: 433 and 497 MiB of weights
+    assert 60 < default - smallest < 70  # written: +64 MiB
+    assert mib(precision="int8") > default

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from .. import __version__
 from ..bundle import FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, ModelSpec, write_manifest
 from ..errors import ExportError, VerificationError
-from ..profiles import Profile, check_memory_budget, kv_cache_bytes, load_profile
+from ..profiles import MEASURED, Profile, check_memory_budget, kv_cache_bytes, load_profile
 
 __all__ = ["export", "ExportResult"]
 
@@ -110,10 +110,34 @@ def model_spec(config: dict, context: int, generation: dict) -> ModelSpec:
                      pad_token_id=config.get("pad_token_id"))
 
 
-def estimate_weight_bytes(config: dict, precision: str) -> int:
+# Bits per weight of a block-32 MatMulNBits matrix: the codes, an fp32 scale and a packed zero point per block.
+_BLOCK_BITS = {4: 4 + (32 + 4) / 32, 8: 8 + (32 + 8) / 32}
+
+
+def estimate_weight_bytes(config: dict, precision: str, eight_bit: tuple[str, ...] = ()) -> int:
+    """Bundle weight bytes before exporting, for the RAM budget check.
+
+    int4 bundles are mixed: a flat bits-per-weight figure was 25% low once attention and the gate projections
+    stayed 8-bit, so each decoder matrix is matched against ``eight_bit`` with the quantizer's own substring
+    rule. The vocabulary matrices count as 4-bit each (an untied pair costs about what the shared 8-bit matrix
+    of a GGUF source does). GGUF sources come out a few % larger (their Q6_K/Q8_0 tensors are copied at 8
+    bits): 0.5B default 471 MiB estimated, 497 MiB written.
+    """
     from .sources import estimate_parameters
 
-    return int(estimate_parameters(config) * BITS_PER_WEIGHT[precision] / 8)
+    params = estimate_parameters(config)
+    if precision != "int4":
+        return int(params * BITS_PER_WEIGHT[precision] / 8)
+    hidden, inter, layers = (int(config[k]) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    vocab = int(config["vocab_size"]) * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
+    attn = (params - vocab - hidden) // layers - 3 * hidden * inter  # q/k/v/o (+ biases, norms: small)
+    bits = vocab * _BLOCK_BITS[4]
+    for i in range(layers):
+        for kind, n in (("attn.qkv_proj", attn), ("mlp.gate_proj", hidden * inter),
+                        ("mlp.up_proj", hidden * inter), ("mlp.down_proj", hidden * inter)):
+            name = f"model.layers.{i}.{kind}.MatMul.weight"
+            bits += n * _BLOCK_BITS[8 if any(p in name for p in eight_bit) else 4]
+    return int(bits / 8)
 
 
 def _copy_tokenizer_files(hf_dir: Path, dest: Path) -> None:
@@ -171,7 +195,8 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
         spec_kv = kv_cache_bytes(src.config["num_hidden_layers"], src.config.get("num_key_value_heads", 1),
                                  src.config.get("head_dim") or src.config["hidden_size"] //
                                  src.config["num_attention_heads"], ctx, 2 if profile.io_dtype == "fp16" else 4)
-        check_memory_budget(profile, estimate_weight_bytes(src.config, profile.precision), spec_kv, context=ctx)
+        weights = estimate_weight_bytes(src.config, profile.precision, _eight_bit(profile, src))
+        check_memory_budget(profile, weights, spec_kv, context=ctx)
 
     work = Path(tempfile.mkdtemp(prefix="edgeqwen-graph-"))
     try:
@@ -230,6 +255,20 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     return ExportResult(bundle=target.target, manifest=manifest, timings=stages.timings)
 
 
+def _eight_bit(profile: Profile, src) -> tuple[str, ...]:
+    """Weights an int4 export keeps at 8 bits: the profile's patterns, its "measured" entry expanded to the
+    layers benchmarks/sensitivity.py found most sensitive for this catalog model (none for other sources)."""
+    if profile.precision != "int4":
+        return ()
+    out: list[str] = []
+    for pattern in profile.eight_bit:
+        if pattern == MEASURED:
+            out += src.entry.sensitive if getattr(src, "entry", None) is not None else ()
+        else:
+            out.append(pattern)
+    return tuple(dict.fromkeys(out))
+
+
 def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
     import onnx
 
@@ -245,8 +284,8 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
                      accuracy_level=profile.accuracy_level, gguf_mode=profile.gguf_mode,
                      embed_bits=4 if profile.precision == "int4" else 8,
                      lm_head_bits=4 if profile.precision == "int4" else 8,
-                     # attention is ~12% of the weights but most of int4's damage (measured, benchmarks/README)
-                     eight_bit=("attn.",) if profile.precision == "int4" else ())
+                     # the weights whose int4 error costs the most (benchmarks/sensitivity.py), per profile
+                     eight_bit=_eight_bit(profile, src))
     importance = hessians = None
     if plan.algo in ("k_quant", "gptq"):
         from .calibrate import input_statistics

@@ -66,6 +66,27 @@ class BlockQuantized:
     def nbytes(self) -> int:
         return self.packed_codes().size + self.scales.size * 4 + self.packed_zero_points().size
 
+    @classmethod
+    def from_packed(cls, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, n: int, k: int,
+                    bits: int, block_size: int) -> "BlockQuantized":
+        """Inverse of ``packed_codes``/``packed_zero_points``: read a MatMulNBits weight back from a bundle
+        (for measurements on exported bundles, e.g. benchmarks/sensitivity.py)."""
+        k_blocks = -(-k // block_size)
+        raw = np.asarray(codes, np.uint8).reshape(n, k_blocks, -1)
+        if bits == 4:
+            q = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(n, k_blocks, -1)
+        else:
+            q = raw
+        if zero_points is None:
+            zp = np.full((n, k_blocks), 1 << (bits - 1), np.uint8)
+        else:
+            zraw = np.asarray(zero_points, np.uint8).reshape(n, -1)
+            zp = np.stack([zraw & 0x0F, zraw >> 4], axis=-1).reshape(n, -1) if bits == 4 else zraw
+            zp = zp[:, :k_blocks]
+        return cls(q=np.ascontiguousarray(q.reshape(n, -1)),
+                   scales=np.asarray(scales, np.float32).reshape(n, k_blocks), zero_points=zp,
+                   bits=bits, block_size=block_size, k=k)
+
 
 def _blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
     """[N, K] -> [N, K_blocks, block] float32, zero-padding K up to a whole block."""
