@@ -233,6 +233,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .serve import serve
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s edgeqwen.serve %(message)s")
+    for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-tokens", args.max_tokens),
+                        ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-body-bytes", args.max_body_bytes)):
+        if value is not None and value < (0 if name == "--port" else 1):
+            raise GenerationError(f"{name} must be {'>= 0' if name == '--port' else 'a positive integer'}, "
+                                  f"got {value}.", f"pass a valid {name}.")
+    return serve(args.bundle, provider=args.provider, threads=args.threads, context=args.context,
+                 shutdown_timeout=args.shutdown_timeout, host=args.host, port=args.port, api_key=args.api_key,
+                 max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, model_name=args.model_name,
+                 max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
     p.add_argument("--provider", default="auto", help="auto | cpu | cuda | dml | coreml (default: auto)")
@@ -289,6 +307,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat (REPL)")
     _add_runtime_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a bundle (chat/completions, streaming)")
+    p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (or set EDGEQWEN_API_KEY, kept out of `ps`)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait besides the running one")
+    p.add_argument("--max-tokens", type=int, default=512, help="default and ceiling for a request's max_tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (default: context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="refuse larger request bodies (413)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the bundle's source)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let queued requests finish before cancelling them")
+    p.add_argument("--provider", default="auto", help="auto | cpu | cuda | dml | coreml (default: auto)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the profile's)")
+    p.add_argument("--context", type=int, default=None, help="max context tokens (<= the bundle's)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="time a bundle: load, TTFT, prefill and decode tokens/s, peak memory")
     p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")

@@ -70,3 +70,14 @@ def test_bandwidth_bytes_per_token_counts_each_weight_once(int4_tied_bundle):
     assert 0.5 * data < per_token <= data  # nearly every stored byte is read per token, nothing twice
     assert {n.op_type for n in graph.node} >= {"MatMulNBits"} and sizes
     assert read_bandwidth_gbs(mb=64, threads=1, repeats=2) > 0.1
+
+
+def test_soak_quick(int4_tied_bundle):
+    """The server soak on the tiny int4 bundle: every good request answered, every bad one refused,
+    the server exits 0 on SIGTERM. (Its RSS figures only mean something on the real model.)"""
+    report = run_script("soak.py", str(int4_tied_bundle), "--requests", "50", "--concurrency", "4",
+                        "--warmup", "5", "--time-limit", "120")
+    assert report["unexpected_count"] == 0, report["unexpected"]
+    assert report["requests_ok"] == 48  # 50 minus the two deliberately bad ones (1 in 25)
+    assert report["p95_s"] >= report["p50_s"] > 0 and report["rss_end_mb"] > 0
+    assert report["server_exit_code_on_sigterm"] == 0

@@ -27,9 +27,19 @@ SCRIPT = textwrap.dedent("""
     import edgeqwen.runtime as rt
     model = rt.load(sys.argv[1], threads=1)
     result = model.generate(sys.argv[2], max_new_tokens=8, stop_token_ids=[])
+    # the server is part of the lean install too: one greedy completion over HTTP, standard library only
+    import urllib.request
+    from edgeqwen.serve import start, stop
+    greedy = model.generate(sys.argv[2], max_new_tokens=8, temperature=0).text
+    server = start(model, port=0)
+    req = urllib.request.Request(server.url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"prompt": sys.argv[2], "max_tokens": 8, "temperature": 0}).encode())
+    served = json.loads(urllib.request.urlopen(req, timeout=60).read())["choices"][0]["text"]
+    stop(server, timeout=5)
     heavy = {name: importlib.util.find_spec(name) is not None for name in sys.argv[3].split(",")}
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[3].split(","))
     print(json.dumps({"tokens": result.tokens, "text": result.text, "installed": heavy, "loaded": loaded,
+                      "served_equals_greedy": served == greedy,
                       "module": rt.__file__}))
 """)
 
@@ -66,3 +76,4 @@ def test_plain_install_runs_a_bundle_without_the_export_stack(tmp_path: Path, in
     assert report["loaded"] == []
     assert report["tokens"] == expected.tokens and len(report["tokens"]) > 0
     assert report["text"] == expected.text
+    assert report["served_equals_greedy"] is True

@@ -48,7 +48,9 @@ def test_portable_export_verifies_with_standard_ops_only(bundles):
     assert sum(f["size"] for f in manifest["files"].values()) < 650 * 2**20
 
 
-@pytest.mark.parametrize("precision,min_agreement,max_ratio", [("int4", 0.85, 1.10), ("int8", 0.97, 1.02)])
+# int4: mixed precision (attention, gate projections and the measured layers at 8 bits); measured on the
+# built-in texts by quality.py: ratio 1.015 / 1.011, agreement 92.6% / 99.1% (attention-only 8-bit: 1.048, 94.3%)
+@pytest.mark.parametrize("precision,min_agreement,max_ratio", [("int4", 0.92, 1.04), ("int8", 0.97, 1.02)])
 def test_export_verifies(bundles, precision, min_agreement, max_ratio):
     manifest = json.loads((bundles[precision] / "edgeqwen.json").read_text())
     ver = manifest["verification"]
@@ -56,7 +58,7 @@ def test_export_verifies(bundles, precision, min_agreement, max_ratio):
     assert ver["agreement"] >= min_agreement
     assert ver["worst_perplexity_ratio"] <= max_ratio
     size = sum(f["size"] for f in manifest["files"].values())
-    assert size < (470 if precision == "int4" else 760) * 2**20
+    assert size < (520 if precision == "int4" else 760) * 2**20  # measured 507.6 / 572 MiB
     genai = json.loads((bundles[precision] / "genai_config.json").read_text())
     assert genai["search"]["max_length"] == manifest["spec"]["context_length"]
 
@@ -113,9 +115,10 @@ def test_memory_follows_the_conversation(bundles):
     data = json.loads(out.stdout.strip().splitlines()[-1])
     full = kv_cache_bytes(24, 2, 64, 32768, 4)
     assert data["kv"] < full / 50
-    # whole process incl. onnxruntime's prepacked int4 weights; onnxruntime-genai's own int4 build
-    # (fp32 embedding, 32k KV preallocation) peaks at ~883 MB on this machine (issue #4)
-    assert data["rss"] < 1000
+    # whole process: Python + tokenizer (~135 MiB), the weights, onnxruntime's prepacked int4 copies and
+    # arenas (measured 988 MiB with 497 MiB of weights). A 32k KV preallocation would add 768 MiB.
+    weights_mib = (Path(bundles["int4"]) / "model.onnx.data").stat().st_size / 2**20
+    assert data["rss"] < weights_mib + 560, (data, weights_mib)
 
 
 def test_cli_run_streams_an_answer(bundles):
@@ -164,3 +167,28 @@ def test_cli_eval_reports_ratio_and_agreement_on_a_held_out_text(bundles, tmp_pa
     assert result["tokens"] == 399
     assert 1.0 <= result["ratio"] <= 1.10 and result["agreement"] >= 0.85
     assert result["reference_perplexity"] < result["perplexity"] < 20
+
+
+def test_openai_client_gets_what_cli_run_prints(bundles):
+    """`edgeqwen serve` on the real int4 bundle: greedy answers through the official client, streamed and not,
+    equal the `edgeqwen run` output for the same prompt."""
+    openai = pytest.importorskip("openai")
+    from edgeqwen.serve import start, stop
+
+    prompt = "Write a Python function that returns the square of x."
+    cli = subprocess.run([sys.executable, "-m", "edgeqwen.cli", "run", str(bundles["int4"]), prompt,
+                          "--temperature", "0", "--max-new-tokens", "40"], capture_output=True, text=True, check=True)
+    srv = start(bundles["int4"], port=0)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [DEFAULT_ALIAS]
+        messages = [{"role": "user", "content": prompt}]
+        r = client.chat.completions.create(model=DEFAULT_ALIAS, messages=messages, temperature=0, max_tokens=40)
+        assert r.choices[0].message.content == cli.stdout.strip()
+        assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+        srv.model.reset()  # full prefill again, as in a fresh `run` (a reused prefix may part at near-ties)
+        chunks = client.chat.completions.create(model=DEFAULT_ALIAS, messages=messages, temperature=0,
+                                                max_tokens=40, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == cli.stdout.strip()
+    finally:
+        stop(srv, timeout=10)
