@@ -251,9 +251,10 @@ def _tools(body: dict) -> tuple[list[dict] | None, str]:
     if choice == "none":
         return None, ""
     # The Qwen template's tool-call form is "<tool_call>\n{json}\n</tool_call>": starting the reply with it
-    # makes the model call a tool (required) or a given one (named), without a grammar engine.
+    # makes the model call a tool (required) or a given one (named), without a grammar engine. The opening
+    # goes up to the name's quote: after a bare "<tool_call>\n" Qwen2.5-Coder-0.5B ends its turn at once.
     if choice == "required":
-        return tools, "<tool_call>\n"
+        return tools, '<tool_call>\n{"name": "'
     if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in names:
@@ -380,7 +381,12 @@ class DeltaSplitter:
         self._emit(self.mode if self.mode != "tool" else "content", self.pending.rstrip(), out)
         self.pending = ""
         if self.held_tool_text:
-            reply = parse_reply(self.held_tool_text)
+            text = self.held_tool_text
+            reply = parse_reply(text)
+            if text.rfind("<tool_call>") > text.rfind("</tool_call>"):
+                # small models often end their turn right after the JSON, without the closing tag
+                closed = parse_reply(text + "\n</tool_call>")
+                reply = closed if not closed.errors else reply
             self.tool_calls = reply.tool_calls
             self._emit("content", reply.content, out)  # a malformed call stays visible as text
         return out
