@@ -93,6 +93,17 @@ def test_chat_greedy_equals_the_runtime_streamed_or_not(server, model):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
 
 
+def test_a_growing_conversation_reuses_the_cached_prefix(server, model):
+    c, name = client(server), server.limits.model_name
+    first = c.chat.completions.create(model=name, messages=MSG, max_tokens=6, temperature=0)
+    longer = MSG + [{"role": "assistant", "content": first.choices[0].message.content},
+                    {"role": "user", "content": "Another one, about rivers."}]
+    second = c.chat.completions.create(model=name, messages=longer, max_tokens=6, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens - 2 <= cached < second.usage.prompt_tokens  # shared: the first prompt
+    assert second.choices[0].message.content == reference(model, model.render(longer), 6).strip()
+
+
 def test_completions_endpoint_uses_the_raw_prompt(server, model):
     prompt = "def fibonacci(n):"
     r = client(server).completions.create(model=server.limits.model_name, prompt=prompt, max_tokens=16,

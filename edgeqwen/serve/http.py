@@ -237,13 +237,15 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self._send_error(e)
             return
+        cached = int(result.stats.get("reused_tokens", 0))
         if splitter is None:
-            body = P.completion_response(req, "".join(parts["content"]), result.finish_reason, len(result.tokens))
+            body = P.completion_response(req, "".join(parts["content"]), result.finish_reason, len(result.tokens),
+                                         cached)
         else:
             for k, text in splitter.finish():
                 parts[k].append(text)
             body = P.chat_response(req, "".join(parts["content"]).strip(), "".join(parts["reasoning"]).strip(),
-                                   splitter.tool_calls, result.finish_reason, len(result.tokens))
+                                   splitter.tool_calls, result.finish_reason, len(result.tokens), cached)
         self._send_json(200, body)
 
     def _sse(self, obj: Any) -> None:
@@ -304,5 +306,5 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._sse(P.completion_response(req, "", finish, None))
         if req.include_usage:
-            self._sse(P.usage_chunk(req, len(result.tokens)))
+            self._sse(P.usage_chunk(req, len(result.tokens), int(result.stats.get("reused_tokens", 0))))
         self._sse("[DONE]")

@@ -398,13 +398,14 @@ def tool_call_json(call: ToolCall, index: int | None = None) -> dict:
     return out if index is None else {"index": index, **out}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict:
+    """OpenAI's usage block; ``cached_tokens`` is the prompt prefix the runtime's KV cache already held."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def chat_response(req: GenRequest, content: str, reasoning: str, calls: list[ToolCall], finish: str,
-                  completion_tokens: int) -> dict:
+                  completion_tokens: int, cached: int = 0) -> dict:
     message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
     if reasoning:
         message["reasoning_content"] = reasoning
@@ -413,7 +414,7 @@ def chat_response(req: GenRequest, content: str, reasoning: str, calls: list[Too
     return {"id": req.id, "object": "chat.completion", "created": req.created, "model": req.model,
             "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else finish,
                          "logprobs": None}],
-            "usage": usage(req.prompt_tokens, completion_tokens)}
+            "usage": usage(req.prompt_tokens, completion_tokens, cached)}
 
 
 def chat_chunk(req: GenRequest, delta: dict, finish: str | None = None) -> dict:
@@ -421,15 +422,16 @@ def chat_chunk(req: GenRequest, delta: dict, finish: str | None = None) -> dict:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
 
-def completion_response(req: GenRequest, text: str, finish: str | None, completion_tokens: int | None) -> dict:
+def completion_response(req: GenRequest, text: str, finish: str | None, completion_tokens: int | None,
+                        cached: int = 0) -> dict:
     out = {"id": req.id, "object": "text_completion", "created": req.created, "model": req.model,
            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
     if completion_tokens is not None:
-        out["usage"] = usage(req.prompt_tokens, completion_tokens)
+        out["usage"] = usage(req.prompt_tokens, completion_tokens, cached)
     return out
 
 
-def usage_chunk(req: GenRequest, completion_tokens: int) -> dict:
+def usage_chunk(req: GenRequest, completion_tokens: int, cached: int = 0) -> dict:
     obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
     return {"id": req.id, "object": obj, "created": req.created, "model": req.model, "choices": [],
-            "usage": usage(req.prompt_tokens, completion_tokens)}
+            "usage": usage(req.prompt_tokens, completion_tokens, cached)}
