@@ -91,6 +91,9 @@ elif kind == "optimum":
 else:
     import onnxruntime_genai as og
     cfg = og.Config(folder)
+    # the same thread count as every other system: without it onnxruntime-genai runs its session with
+    # ONE intra-op thread (its builder writes no intra_op_num_threads), which halved its decode speed here
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     m = og.Model(cfg)
     tok = og.Tokenizer(m)
     load = time.perf_counter() - t0

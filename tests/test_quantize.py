@@ -234,3 +234,20 @@ def test_weight_estimate_counts_the_eight_bit_weights() -> None:
     assert 390 < smallest < 433 and 450 < default < 497  # written bundles: 433 and 497 MiB of weights
     assert 60 < default - smallest < 70  # written: +64 MiB
     assert mib(precision="int8") > default
+
+
+def test_cli_eight_bit_none_gives_an_all_4_bit_body(tiny_models, tmp_path, allow_tiny, capsys) -> None:
+    """`--eight-bit none` replaces the profile's list: attention and gate projections go 4-bit too."""
+    from edgeqwen.bundle import read_manifest
+    from edgeqwen.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(tiny_models["qwen2_untied"]), "--device", "host", "-o", str(out), "--precision",
+                 "int4", "--eight-bit", "none", "--no-verify", "--json"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.quantization["plan"]["eight_bit"] == []
+    bits = {name: t["bits"] for name, t in manifest.quantization["tensors"].items()}
+    assert {bits[n] for n in bits if ".attn." in n or "gate_proj" in n} == {4}
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(tmp_path / "c"), "--eight-bit",
+                 "mlp.gate"]) == 2
+    assert "'eight_bit'" in capsys.readouterr().err

@@ -165,13 +165,16 @@ def resolve_profile(device: str | Profile, **overrides: Any) -> Profile:
 def export(model: str, device: str | Profile = "host", out: str | Path = "bundle", *, precision: str | None = None,
            quant_algo: str | None = None, block_size: int | None = None, context: int | None = None,
            gguf_mode: str | None = None, force: bool = False, verify: bool = True, progress: bool = True,
-           threads: int | None = None) -> ExportResult:
-    """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``."""
+           threads: int | None = None, eight_bit: list[str] | str | None = None) -> ExportResult:
+    """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``.
+
+    ``eight_bit`` replaces the profile's list of int4 weights kept at 8 bits (``[]``: none, the smallest and
+    fastest bundle; ``["attn."]``; the profiles' default adds the gate projections and ``"measured"``)."""
     from .graph import adjust_genai_config, build_fast_graph, build_portable_graph
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
-                              context=context, gguf_mode=gguf_mode)
+                              context=context, gguf_mode=gguf_mode, eight_bit=eight_bit)
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
     if profile.backend == "portable":
