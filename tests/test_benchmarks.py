@@ -81,3 +81,14 @@ def test_soak_quick(int4_tied_bundle):
     assert report["requests_ok"] == 48  # 50 minus the two deliberately bad ones (1 in 25)
     assert report["p95_s"] >= report["p50_s"] > 0 and report["rss_end_mb"] > 0
     assert report["server_exit_code_on_sigterm"] == 0
+
+
+def test_step_profile_runs_on_a_bundle(int4_tied_bundle):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "step_profile.py"), str(int4_tied_bundle),
+                          "--context", "4", "32", "--steps", "3", "--threads", "1", "--profile"],
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout[out.stdout.index("\n[") + 1:])
+    assert [r["context"] for r in rows] == [4, 32] and all(r["step_ms"] > 0 for r in rows)
+    assert "MatMulNBits" in rows[0]["ms_per_step_by_op"] and rows[0]["slowest_matmuls_ms"]
