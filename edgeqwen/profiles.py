@@ -151,18 +151,20 @@ def _check_providers(key: str, value: Any, source: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-_EIGHT_BIT_RE = re.compile(r"^(layers\.\d+\.)?(attn|mlp)\.(qkv_proj|o_proj|gate_proj|up_proj|down_proj)?$")
+_EIGHT_BIT_RE = re.compile(r"^(lm_head|(layers\.\d+\.)?(attn|mlp)\.(qkv_proj|o_proj|gate_proj|up_proj|down_proj)?)$")
 # What the int4 profiles keep at 8 bits, from benchmarks/sensitivity.py on Qwen2.5-Coder-0.5B: attention is
 # ~12% of the weights, and the gate projections carry most of the rest of int4's loss (SiLU(gate) multiplies
 # the up projection, so its error is amplified). "measured" adds the layers the model's catalog entry lists
-# as most sensitive (layer indices are per model, so they cannot live in a device profile).
+# as most sensitive (layer indices are per model, so they cannot live in a device profile). "lm_head" keeps
+# the vocabulary matrix (lm_head, and the embedding when they are shared) at 8 bits: 4 bits saves 63 MiB on
+# the 0.5B and keeps the perplexity ratio <= 1.04, but top-1 agreement on English drops 92.6% -> 84.6%.
 MEASURED = "measured"
-DEFAULT_EIGHT_BIT = ("attn.", "mlp.gate_proj", MEASURED)
+DEFAULT_EIGHT_BIT = ("attn.", "mlp.gate_proj", "lm_head", MEASURED)
 
 
 def _check_eight_bit(key: str, value: Any, source: str) -> tuple[str, ...]:
-    allowed = ("'measured' (the catalog model's most sensitive layers) and weight-name patterns such as "
-               "'attn.', 'mlp.gate_proj', 'layers.23.mlp.' (attn|mlp, optionally "
+    allowed = ("'measured' (the catalog model's most sensitive layers), 'lm_head' (the vocabulary matrix) "
+               "and weight-name patterns such as 'attn.', 'mlp.gate_proj', 'layers.23.mlp.' (attn|mlp, optionally "
                "qkv_proj|o_proj|gate_proj|up_proj|down_proj, optionally after layers.N.)")
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):

@@ -139,6 +139,7 @@ def gguf_file(tmp_path: Path):
         "blk.0.attn_output.weight": ("Q4_0", random_blocks("Q4_0", 8, HIDDEN, seed=13)),
         "blk.0.ffn_up.weight": ("Q4_K", random_blocks("Q4_K", 16, HIDDEN, seed=14)),
         "blk.0.ffn_down.weight": ("F32", np.random.default_rng(15).normal(0, 0.05, (8, HIDDEN))),
+        "output.weight": ("Q8_0", random_blocks("Q8_0", 4, HIDDEN, seed=16)),
     }
     path = write_gguf(tmp_path / "tiny.gguf", raw)
     floats = {name: (data.astype(np.float32) if t == "F32" else reference(data, t)) for name, (t, data) in raw.items()}
@@ -207,6 +208,21 @@ def test_fast_mode_copies_q4_0_and_sensitive_types_and_refits_the_rest(gguf_file
     w_qkv = np.concatenate([floats[f"blk.0.attn_{p}.weight"] for p in "qkv"])
     bq, how = code(QKV, w_qkv, 4, "body")
     assert how == "stub:Q5_0+Q6_K+Q8_0" and calls[-1] == (QKV, 4, "body")
+
+
+def test_a_q8_0_lm_head_is_copied_unless_the_plan_asks_for_4_bits(gguf_file) -> None:
+    """The GGUF's 8-bit output matrix is kept exactly by default; a profile without "lm_head" in eight_bit
+    asks for 4 bits, and then it is refitted like any other weight."""
+    path, floats = gguf_file
+    calls: list = []
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="fast"), fallback=recording_fallback(calls))
+    bq, how = code("lm_head.MatMul.weight", floats["output.weight"], 8, "lm_head")
+    assert how == "gguf-exact:Q8_0" and bq.bits == 8 and calls == []
+    bq, how = code("lm_head.MatMul.weight", floats["output.weight"], 4, "lm_head")
+    assert how == "stub:Q8_0" and calls == [("lm_head.MatMul.weight", 4, "lm_head")]
+    # a body tensor of a sensitive type stays exact even when 4 bits were asked (the GGUF's own choice)
+    bq, how = code("model.layers.0.attn.k_proj.MatMul.weight", floats["blk.0.attn_k.weight"], 4, "body")
+    assert how == "gguf-exact:Q8_0"
 
 
 def test_mismatched_weights_are_not_copied(gguf_file) -> None:

@@ -166,7 +166,7 @@ def test_eight_bit_patterns_are_normalised_and_recorded():
     prof = load_profile("rpi5", eight_bit="attn., layers.23.mlp., attn.")
     assert prof.eight_bit == ("attn.", "layers.23.mlp.")
     assert prof.to_dict()["eight_bit"] == ["attn.", "layers.23.mlp."]
-    assert load_profile("rpi5").eight_bit == ("attn.", "mlp.gate_proj", "measured")  # the measured default
+    assert load_profile("rpi5").eight_bit == ("attn.", "mlp.gate_proj", "lm_head", "measured")  # measured default
     assert load_profile("rpi5", eight_bit=["measured"]).eight_bit == ("measured",)
 
 

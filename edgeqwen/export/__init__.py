@@ -119,9 +119,8 @@ def estimate_weight_bytes(config: dict, precision: str, eight_bit: tuple[str, ..
 
     int4 bundles are mixed: a flat bits-per-weight figure was 25% low once attention and the gate projections
     stayed 8-bit, so each decoder matrix is matched against ``eight_bit`` with the quantizer's own substring
-    rule. The vocabulary matrices count as 4-bit each (an untied pair costs about what the shared 8-bit matrix
-    of a GGUF source does). GGUF sources come out a few % larger (their Q6_K/Q8_0 tensors are copied at 8
-    bits): 0.5B default 471 MiB estimated, 497 MiB written.
+    rule. The vocabulary matrices count as 4-bit each, the lm_head as 8-bit when ``eight_bit`` keeps it. GGUF
+    sources come out a few % larger (their Q6_K/Q8_0 tensors are copied at 8 bits).
     """
     from .sources import estimate_parameters
 
@@ -132,6 +131,8 @@ def estimate_weight_bytes(config: dict, precision: str, eight_bit: tuple[str, ..
     vocab = int(config["vocab_size"]) * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
     attn = (params - vocab - hidden) // layers - 3 * hidden * inter  # q/k/v/o (+ biases, norms: small)
     bits = vocab * _BLOCK_BITS[4]
+    if "lm_head" in eight_bit:  # the lm_head (or the shared matrix) at 8 bits
+        bits += int(config["vocab_size"]) * hidden * (_BLOCK_BITS[8] - _BLOCK_BITS[4])
     for i in range(layers):
         for kind, n in (("attn.qkv_proj", attn), ("mlp.gate_proj", hidden * inter),
                         ("mlp.up_proj", hidden * inter), ("mlp.down_proj", hidden * inter)):
@@ -283,12 +284,12 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
         weights.materialize_rest(model)
         save_with_external_data(model, dest)
         return {"precision": profile.precision, "summary": {"tensors": 0}}
+    eight_bit = _eight_bit(profile, src)  # the weights whose int4 error costs the most (sensitivity.py)
+    vocab_bits = 8 if profile.precision != "int4" or "lm_head" in eight_bit else 4
     plan = QuantPlan(precision=profile.precision, algo=profile.quant_algo, block_size=profile.block_size,
                      accuracy_level=profile.accuracy_level, gguf_mode=profile.gguf_mode,
                      embed_bits=4 if profile.precision == "int4" else 8,
-                     lm_head_bits=4 if profile.precision == "int4" else 8,
-                     # the weights whose int4 error costs the most (benchmarks/sensitivity.py), per profile
-                     eight_bit=_eight_bit(profile, src))
+                     lm_head_bits=vocab_bits, shared_bits=vocab_bits, eight_bit=eight_bit)
     importance = hessians = None
     if plan.algo in ("k_quant", "gptq"):
         from .calibrate import input_statistics

@@ -163,7 +163,9 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
         faithful = plan.gguf_mode == "faithful"
         # fast mode still copies exactly what the GGUF itself kept at >= 6 bits (Q6_K, Q8_0): llama.cpp's
         # mixes (Q4_K_M, ...) put those types on the tensors its measurements found sensitive
-        keep = faithful or all(t == "Q4_0" for t in types) or (bits == 8 or all(t in SENSITIVE for t in types))
+        # ...except an lm_head the profile asked for at 4 bits (its eight_bit list leaves out "lm_head")
+        sensitive = all(t in SENSITIVE for t in types) and not (role == "lm_head" and bits == 4)
+        keep = faithful or all(t == "Q4_0" for t in types) or bits == 8 or sensitive
         exact_ok = types and all(t in DECODERS for t in types) and keep
         if exact_ok:
             bq = concat_rows([DECODERS[t](g.rows(n)) for t, n in zip(types, names)])

@@ -191,8 +191,11 @@ def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQ
     codes, flat_scales = head.input[1], head.input[2]
     base = "model.embed_tokens.shared"
     s, z, shape, s_shape = f"{base}.scales", f"{base}.qzeros", f"{base}.shape", f"{base}.scales_shape"
+    # GatherBlockQuantized packs 4-bit zero points along the quantized axis, here of length 1 (one block per
+    # row of the 3-D view): one zero point per byte, not MatMulNBits' two
+    zp = bq.packed_zero_points() if bq.bits == 8 else bq.zero_points.astype(np.uint8)
     inits = inits + [
-        numpy_helper.from_array(bq.packed_zero_points().reshape(bq.n, -1, 1), z),
+        numpy_helper.from_array(zp.reshape(bq.n, -1, 1), z),
         numpy_helper.from_array(np.array([0, 0, bq.k], np.int64), shape),
         numpy_helper.from_array(np.array([bq.n, bq.k_blocks, 1], np.int64), s_shape),
     ]
