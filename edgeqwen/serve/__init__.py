@@ -51,6 +51,13 @@ def build(model: Any, config: ServerConfig, *, model_name: str | None = None, ma
                             "pass another --port (0 picks a free one), or stop the process holding it.") from e
 
 
+def _server(model: Any, kwargs: dict[str, Any]) -> Server:
+    """Split keyword options between ServerConfig (socket, key, queue) and build's limits, then build."""
+    keys = set(ServerConfig.__dataclass_fields__)
+    config = ServerConfig(**{k: v for k, v in kwargs.items() if k in keys})
+    return build(model, config, **{k: v for k, v in kwargs.items() if k not in keys})
+
+
 def start(bundle: str | Path | Any, *, provider: str = "auto", threads: int | None = None,
           context: int | None = None, **kwargs: Any) -> Server:
     """Load (unless given a Model) and serve in a background thread; for tests and embedding."""
@@ -58,9 +65,7 @@ def start(bundle: str | Path | Any, *, provider: str = "auto", threads: int | No
 
     model = bundle if hasattr(bundle, "stream") else runtime.load(bundle, provider=provider, threads=threads,
                                                                    context=context)
-    config_keys = set(ServerConfig.__dataclass_fields__)
-    config = ServerConfig(**{k: v for k, v in kwargs.items() if k in config_keys})
-    server = build(model, config, **{k: v for k, v in kwargs.items() if k not in config_keys})
+    server = _server(model, kwargs)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True,
                      name="edgeqwen-http").start()
     return server
@@ -83,9 +88,7 @@ def serve(bundle: str | Path, *, provider: str = "auto", threads: int | None = N
     model = runtime.load(bundle, provider=provider, threads=threads, context=context)
     if kwargs.get("api_key") is None and os.environ.get(API_KEY_ENV):
         kwargs["api_key"] = os.environ[API_KEY_ENV]
-    config_keys = set(ServerConfig.__dataclass_fields__)
-    config = ServerConfig(**{k: v for k, v in kwargs.items() if k in config_keys})
-    server = build(model, config, **{k: v for k, v in kwargs.items() if k not in config_keys})
+    server = _server(model, kwargs)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -99,9 +102,9 @@ def serve(bundle: str | Path, *, provider: str = "auto", threads: int | None = N
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    auth = "API key required" if config.api_key else "no API key"
+    auth = "API key required" if server.config.api_key else "no API key"
     log.warning("serving %s as '%s' on %s (%s, queue %d, provider %s)", bundle, server.limits.model_name,
-                server.url, auth, config.max_queue, model.provider)
+                server.url, auth, server.config.max_queue, model.provider)
     server.serve_forever(poll_interval=0.1)
     server.server_close()
     return 0

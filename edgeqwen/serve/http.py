@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import queue
 import select
 import socket
 import threading
@@ -194,8 +195,6 @@ class Handler(BaseHTTPRequestHandler):
     # -- generation -----------------------------------------------------------------------------------------
     def _events(self, job: Job):
         """Yield the job's events; cancel it if the client disconnects or the request times out."""
-        import queue
-
         deadline = time.monotonic() + self.server.config.request_timeout_s
         while True:
             try:
