@@ -122,6 +122,7 @@ def estimate_weight_bytes(config: dict, precision: str, eight_bit: tuple[str, ..
     rule. The vocabulary matrices count as 4-bit each, the lm_head as 8-bit when ``eight_bit`` keeps it. GGUF
     sources come out a few % larger (their Q6_K/Q8_0 tensors are copied at 8 bits).
     """
+    from .quantize import keeps_8_bits
     from .sources import estimate_parameters
 
     params = estimate_parameters(config)
@@ -137,7 +138,7 @@ def estimate_weight_bytes(config: dict, precision: str, eight_bit: tuple[str, ..
         for kind, n in (("attn.qkv_proj", attn), ("mlp.gate_proj", hidden * inter),
                         ("mlp.up_proj", hidden * inter), ("mlp.down_proj", hidden * inter)):
             name = f"model.layers.{i}.{kind}.MatMul.weight"
-            bits += n * _BLOCK_BITS[8 if any(p in name for p in eight_bit) else 4]
+            bits += n * _BLOCK_BITS[8 if keeps_8_bits(name, eight_bit) else 4]
     return int(bits / 8)
 
 
@@ -170,7 +171,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``.
 
     ``eight_bit`` replaces the profile's list of int4 weights kept at 8 bits (``[]``: none, the smallest and
-    fastest bundle; ``["attn."]``; the profiles' default adds the gate projections and ``"measured"``)."""
+    fastest bundle; the profiles' default is attention, gate projections, ``"lm_head"`` and ``"measured"``)."""
     from .graph import adjust_genai_config, build_fast_graph, build_portable_graph
     from .sources import resolve_source
 

@@ -178,6 +178,13 @@ def _gather_block_quantized(node: onnx.NodeProto, bq: BlockQuantized, wname: str
     return new, inits
 
 
+def keeps_8_bits(weight_name: str, patterns: tuple[str, ...]) -> bool:
+    """The ``eight_bit`` rule: a weight stays 8-bit when any pattern is a substring of its graph name
+    (``model.layers.14.mlp.up_proj.MatMul.weight``); patterns end with a dot or a full kind name, so
+    ``layers.1.`` never matches layer 14."""
+    return any(p in weight_name for p in patterns)
+
+
 def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQuantized, wname: str,
                       accuracy_level: int) -> tuple:
     """lm_head MatMulNBits + embedding GatherBlockQuantized reading one codes initializer.
@@ -257,7 +264,7 @@ def quantize_graph(
             wname = node.input[1]
             role = _role(wname)
             bits = plan.lm_head_bits if role == "lm_head" else plan.body_bits
-            if bits is not None and any(p in wname for p in plan.eight_bit):
+            if bits is not None and keeps_8_bits(wname, plan.eight_bit):
                 bits = 8
             w = weights.array(wname)
             if bits is None or w.ndim != 2 or w.shape[0] % plan.block_size:

@@ -214,11 +214,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, job: Job) -> None:
         req = job.request
-        splitter = P.DeltaSplitter(tools=req.tools, thinking_open=req.thinking_open) if req.kind == "chat" else None
+        splitter, first = P.reply_splitter(req)
         parts: dict[str, list[str]] = {"content": [], "reasoning": []}
-        if splitter is not None and req.prefix:
-            for kind, text in splitter.feed(req.prefix):
-                parts[kind].append(text)
+        for kind, text in first:
+            parts[kind].append(text)
         try:
             for kind, value in self._events(job):
                 if kind == "piece":
@@ -236,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self._send_error(e)
             return
-        cached = int(result.stats.get("reused_tokens", 0))
+        cached = P.cached_tokens(result)
         if splitter is None:
             body = P.completion_response(req, "".join(parts["content"]), result.finish_reason, len(result.tokens),
                                          cached)
@@ -261,8 +260,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         self.server.metrics.request(self._endpoint, 200)
-        chat = req.kind == "chat"
-        splitter = P.DeltaSplitter(tools=req.tools, thinking_open=req.thinking_open) if chat else None
+        splitter, first = P.reply_splitter(req)
+        chat = splitter is not None
         key = {"content": "content", "reasoning": "reasoning_content"}
 
         def send(kind: str, text: str) -> None:
@@ -273,8 +272,8 @@ class Handler(BaseHTTPRequestHandler):
 
         if chat:
             self._sse(P.chat_chunk(req, {"role": "assistant", "content": ""}))
-            for kind, text in splitter.feed(req.prefix) if req.prefix else []:
-                send(kind, text)
+        for kind, text in first:
+            send(kind, text)
         result = None
         try:
             for kind, value in self._events(job):
@@ -305,5 +304,5 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._sse(P.completion_response(req, "", finish, None))
         if req.include_usage:
-            self._sse(P.usage_chunk(req, len(result.tokens), int(result.stats.get("reused_tokens", 0))))
+            self._sse(P.usage_chunk(req, len(result.tokens), P.cached_tokens(result)))
         self._sse("[DONE]")

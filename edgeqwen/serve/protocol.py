@@ -392,6 +392,20 @@ class DeltaSplitter:
         return out
 
 
+def reply_splitter(req: GenRequest) -> tuple[DeltaSplitter | None, list[tuple[str, str]]]:
+    """The splitter a chat reply goes through (None for raw completions), with the deltas of the assistant
+    text the request forced into the prompt (tool_choice), which belong to the reply."""
+    if req.kind != "chat":
+        return None, []
+    splitter = DeltaSplitter(tools=req.tools, thinking_open=req.thinking_open)
+    return splitter, splitter.feed(req.prefix) if req.prefix else []
+
+
+def cached_tokens(result: Any) -> int:
+    """Prompt tokens the runtime's KV cache already held (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
+    return int(result.stats.get("reused_tokens", 0))
+
+
 def tool_call_json(call: ToolCall, index: int | None = None) -> dict:
     out = {"id": call.id, "type": "function",
            "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
