@@ -64,7 +64,8 @@ def cmd_export(args) -> int:
                     block_size=args.block_size, context=args.context, gguf_mode=args.gguf_mode, force=args.force,
                     verify=not args.no_verify, progress=not args.json, threads=args.threads,
                     eight_bit=None if args.eight_bit is None else
-                    [] if args.eight_bit.strip().lower() == "none" else args.eight_bit)
+                    [] if args.eight_bit.strip().lower() == "none" else args.eight_bit,
+                    vocab_refine=args.vocab_refine)
     summary = result.summary()
     if args.json:
         _print_json(summary)
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4: comma list of weights kept at 8 bits, replacing the profile's (default "
                         "'attn.,mlp.gate_proj,lm_head,measured': most faithful; 'attn.,lm_head': 443 MiB, ~8%% "
                         "faster decode; 'lm_head': 422 MiB; 'none': everything 4-bit, smallest)")
+    p.add_argument("--vocab-refine", type=int, metavar="N",
+                   help="int4 with an 8-bit lm_head: it reads a 4-bit half and rescores its best N candidates at "
+                        "8 bits (profile default 64; 0: read the whole 8-bit matrix every step)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the float source")

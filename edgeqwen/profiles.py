@@ -69,7 +69,7 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "accuracy_level", "eight_bit", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
+    "accuracy_level", "eight_bit", "vocab_refine", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
 _MANIFEST_EXTRA_KEYS = ("source", "host")
@@ -160,6 +160,13 @@ _EIGHT_BIT_RE = re.compile(r"^(lm_head|(layers\.\d+\.)?(attn|mlp)\.(qkv_proj|o_p
 # the 0.5B and keeps the perplexity ratio <= 1.04, but top-1 agreement on English drops 92.6% -> 84.6%.
 MEASURED = "measured"
 DEFAULT_EIGHT_BIT = ("attn.", "mlp.gate_proj", "lm_head", MEASURED)
+# An 8-bit vocabulary matrix in an int4 bundle is stored as two 4-bit halves that sum to it exactly; each step
+# the lm_head reads the coarse half (half the bytes: ~3 ms of a ~30 ms decode step on the 0.5B) and rescores
+# its best `vocab_refine` candidates with the whole 8-bit rows. Measured (benchmarks/quality.py, 0.5B): 128
+# gives the perplexity ratios of the plain 8-bit lm_head (within 0.004), 64 lets English drift by 0.009,
+# 1024 costs ~1.5 ms a step; top-1 agreement is the same for all. 0 keeps a plain 8-bit lm_head.
+DEFAULT_VOCAB_REFINE = 128
+VOCAB_REFINE_MAX = 1024
 
 
 def _check_eight_bit(key: str, value: Any, source: str) -> tuple[str, ...]:
@@ -205,6 +212,7 @@ _CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "block_size": _choice(BLOCK_SIZES),
     "accuracy_level": _int_range(0, 4),
     "eight_bit": _check_eight_bit,
+    "vocab_refine": _int_range(0, VOCAB_REFINE_MAX),
     "io_dtype": _choice(IO_DTYPES),
     "context": _int_range(*CONTEXT_RANGE),
     "threads": _int_range(0, None),
@@ -246,6 +254,7 @@ class Profile:
     block_size: int = 32
     accuracy_level: int = 4
     eight_bit: tuple[str, ...] = DEFAULT_EIGHT_BIT  # int4 bundles: weights matching these stay 8-bit
+    vocab_refine: int = DEFAULT_VOCAB_REFINE  # int4 + 8-bit vocabulary: candidates rescored at 8 bits
     io_dtype: str = "fp32"
     context: int = 4096
     threads: int = 0

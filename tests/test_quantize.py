@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeqwen.bundle import read_manifest
 from edgeqwen.errors import ExportError
-from edgeqwen.export.blockquant import quantize
+from edgeqwen.export.blockquant import quantize, quantize_rtn, split_8bit
 from edgeqwen.export.quantize import ExternalWeights, QuantPlan, quantize_graph, save_with_external_data
 
 LAYERS = 2
@@ -109,6 +109,64 @@ def test_tied_embedding_and_lm_head_share_one_matrix(bits: int) -> None:
     np.testing.assert_allclose(run(model, IDS)[0], expected, rtol=1e-4, atol=1e-4)
 
 
+def refined_reference(hidden: np.ndarray, w8: np.ndarray, coarse: np.ndarray, k: int) -> np.ndarray:
+    """Coarse logits, with the k best (by coarse logit) of each row replaced by the 8-bit matrix's."""
+    approx, exact = hidden @ coarse.T, hidden @ w8.T
+    top = np.argsort(-approx, axis=-1)[..., :k]
+    out = approx.copy()
+    np.put_along_axis(out, top, np.take_along_axis(exact, top, -1), -1)
+    return out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocab_refine_rescores_the_coarse_logits_best_candidates_with_the_8_bit_matrix(tied: bool) -> None:
+    embed, head, down, odd = toy_weights(tied=tied)
+    model = toy_graph(embed, head, down, odd)
+    k = 8
+    plan = QuantPlan(precision="int4", algo="k_quant", block_size=32, accuracy_level=0, lm_head_bits=8,
+                     vocab_refine=k)
+    report = quantize_graph(model, ExternalWeights(model, Path(".")), plan)
+    assert report.tensors[HEAD]["bits"] == "4+4" and report.tensors[HEAD]["refine_top_k"] == k
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["TopK"] == 1 and ops["ScatterElements"] == 1 and ops["MatMulNBits"] == 2
+    head_node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.input[1])
+    assert {a.name: a.i for a in head_node.attribute}["bits"] == 4  # the lm_head reads half the bytes
+
+    # the 8-bit matrix is the symmetric RTN grid (the split needs its zero point 128), coarse + residual == it
+    w8 = quantize_rtn(head.T, 8, 32, symmetric=True)
+    coarse, residual = split_8bit(w8)
+    np.testing.assert_allclose(coarse.dequantize() + residual.dequantize(), w8.dequantize(), atol=1e-6)
+    table = w8.dequantize() if tied else quantize(embed, 4, 32, "k_quant").dequantize()
+    body = quantize(down.T, 4, 32, "k_quant").dequantize()
+    hidden = (table[IDS[0]] @ body.T)[:, :40] @ odd
+    expected = refined_reference(hidden, w8.dequantize(), coarse.dequantize(), k)
+    got = run(model, IDS)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    # the refined entries are the 8-bit logits, the rest differ from them: the test sees both halves
+    exact = hidden @ w8.dequantize().T
+    assert np.all(np.isclose(got, exact, atol=1e-3).sum(-1) >= k)
+    assert not np.allclose(got, exact, atol=1e-3)
+
+
+def test_split_8bit_is_exact_and_rounds_the_coarse_half_to_nearest() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 1, (64, 96)).astype(np.float32)
+    for bq in (quantize_rtn(w, 8, 32, symmetric=True), quantize(w, 8, 32, "k_quant")):
+        coarse, residual = split_8bit(bq)
+        assert coarse.bits == residual.bits == 4
+        np.testing.assert_allclose(coarse.dequantize() + residual.dequantize(), bq.dequantize(), atol=1e-6)
+    sym = quantize_rtn(w, 8, 32, symmetric=True)
+    coarse, residual = split_8bit(sym)
+    step = np.repeat(sym.scales, 32, axis=1)
+    err = (sym.dequantize() - coarse.dequantize()) / step  # in units of the 8-bit step
+    rounded = np.repeat(residual.zero_points == 8, 32, axis=1)
+    assert rounded.mean() > 0.8  # most blocks: round to nearest, error within [-8, 7] steps
+    assert err[rounded].min() >= -8 - 1e-4 and err[rounded].max() <= 7 + 1e-4
+    assert abs(float(err.mean())) < 1.5 and float(np.abs(err).max()) <= 15 + 1e-4
+    with pytest.raises(ValueError, match="8-bit"):
+        split_8bit(quantize(w, 4, 32, "rtn"))
+
+
 def test_untied_weights_that_differ_are_not_shared() -> None:
     embed, head, down, odd = toy_weights(tied=True)
     head = head + np.random.default_rng(3).normal(0, 0.2, head.shape).astype(np.float32)  # ~20% apart
@@ -161,7 +219,10 @@ def test_quantized_bundles_have_only_block_quantized_weights(int4_bundle, int8_b
     model, ops = ops_of(bundle)
     inits = {t.name for t in model.graph.initializer}
     assert ops["MatMulNBits"] == 5 * LAYERS + 1  # packed qkv, o, gate, up, down per layer + lm_head
-    assert ops["GatherBlockQuantized"] == 1 and ops["GroupQueryAttention"] == LAYERS
+    # int4: the 8-bit lm_head is split in two 4-bit halves, whose candidate rows two more gathers read
+    refined = precision == "int4"
+    assert ops["GatherBlockQuantized"] == (3 if refined else 1) and ops["GroupQueryAttention"] == LAYERS
+    assert ops["TopK"] == ops["ScatterElements"] == (1 if refined else 0)
     assert ops["SkipSimplifiedLayerNormalization"] >= LAYERS
     assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits]
     assert not [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits]
@@ -176,21 +237,27 @@ def test_quantized_bundles_have_only_block_quantized_weights(int4_bundle, int8_b
         if node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
             name = node.input[1].replace(".qweight", ".weight")
-            assert tensors[name]["bits"] == attrs["bits"] and attrs["block_size"] == 32
+            assert attrs["bits"] == (4 if tensors[name]["bits"] == "4+4" else tensors[name]["bits"])
+            assert attrs["block_size"] == 32
     bits = {name: t["bits"] for name, t in tensors.items()}
     if precision == "int8":
         assert set(bits.values()) == {8}
-    else:  # int4 bundles: the profile's eight_bit kinds (attention, gate) 8-bit; up/down, embedding, lm_head 4-bit
-        assert {bits[n] for n in bits if ".attn." in n or "gate_proj" in n or "lm_head" in n} == {8}
+    else:  # int4 bundles: the profile's eight_bit kinds (attention, gate) 8-bit, the lm_head 8-bit as 4+4;
+        # up/down and the (untied) embedding 4-bit
+        assert {bits[n] for n in bits if ".attn." in n or "gate_proj" in n} == {8}
+        assert tensors["lm_head.MatMul.weight"]["bits"] == "4+4"
+        assert tensors["lm_head.MatMul.weight"]["refine_top_k"] == 128
         assert {bits[n] for n in bits if "up_proj" in n or "down_proj" in n or "embed" in n} == {4}
 
 
 def test_tied_int4_bundle_stores_the_shared_matrix_once(int4_tied_bundle) -> None:
     model, ops = ops_of(int4_tied_bundle)
-    gbq = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
-    assert gbq.input[0] == head.input[1]
-    assert read_manifest(int4_tied_bundle).quantization["summary"]["shared_embeddings"]["bits"] == 8
+    gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    # embedding and lm_head candidates read the lm_head's coarse codes and one residual tensor: 2 x 2 gathers
+    assert len(gathers) == 4 and sum(n.input[0] == head.input[1] for n in gathers) == 2
+    assert len({n.input[0] for n in gathers}) == 2
+    assert read_manifest(int4_tied_bundle).quantization["summary"]["shared_embeddings"]["bits"] == "4+4"
     assert ops["MatMulNBits"] == 5 * LAYERS + 1
 
 
@@ -256,3 +323,19 @@ def test_cli_eight_bit_none_gives_an_all_4_bit_body(tiny_models, tmp_path, allow
     assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(tmp_path / "c"), "--eight-bit",
                  "mlp.gate"]) == 2
     assert "'eight_bit'" in capsys.readouterr().err
+
+
+def test_cli_vocab_refine_zero_keeps_a_plain_8_bit_lm_head(tiny_models, tmp_path, allow_tiny, capsys) -> None:
+    from edgeqwen.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(out), "--precision", "int4",
+                 "--vocab-refine", "0", "--no-verify", "--json"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.quantization["plan"]["vocab_refine"] == 0 and manifest.profile["vocab_refine"] == 0
+    assert manifest.quantization["tensors"]["lm_head.MatMul.weight"]["bits"] == 8
+    _, ops = ops_of(out)
+    assert ops["TopK"] == 0 and ops["GatherBlockQuantized"] == 1
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(tmp_path / "c"), "--vocab-refine",
+                 "-3"]) == 2
+    assert "'vocab_refine'" in capsys.readouterr().err

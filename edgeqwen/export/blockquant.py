@@ -88,6 +88,36 @@ class BlockQuantized:
                    bits=bits, block_size=block_size, k=k)
 
 
+def split_8bit(bq: BlockQuantized) -> tuple[BlockQuantized, BlockQuantized]:
+    """An 8-bit matrix as a coarse 4-bit one plus a 4-bit residual whose sum is exactly the 8-bit values.
+
+    Why: the decode step reads the whole lm_head; at 8 bits Qwen's 151,936 x hidden vocabulary matrix is
+    a quarter of the step. The coarse half alone (half the bytes) ranks the vocabulary, and the graph then
+    rescores the best candidates with both halves (``quantize._refined_vocab``), so the logits that decide
+    greedy and top-k/top-p picks are the 8-bit ones, bit for bit, and the embedding lookup stays 8-bit.
+
+    Each block's code c (value d*(c - z)) is shifted by an offset o and split into nibbles:
+    c + o = 16*hi + lo, z + o = 16*z_hi + z_lo, so d*(c - z) = 16d*(hi - z_hi) + d*(lo - z_lo). o is
+    chosen per block so that z_lo is 8 where the block's codes allow it: the coarse part is then a
+    round-to-nearest grid (its error d*(lo - 8) lies in [-8d, 7d]) instead of a truncating one.
+    """
+    if bq.bits != 8:
+        raise ValueError(f"split_8bit needs an 8-bit matrix, got {bq.bits} bits")
+    c = bq.q.reshape(bq.n, bq.k_blocks, bq.block_size).astype(np.int32)
+    z = bq.zero_points.astype(np.int32)
+    low = np.maximum(-c.min(axis=-1), -z)  # c + o >= 0 and z + o >= 0
+    high = np.minimum(255 - c.max(axis=-1), 255 - z)  # ... and both stay within one byte
+    o0 = (8 - z) % 16
+    o = o0 + 16 * -((o0 - low) // 16)  # the smallest o >= low with (z + o) % 16 == 8
+    o = np.clip(o, low, high)
+    shifted, zs = c + o[..., None], z + o
+    coarse = BlockQuantized(q=(shifted >> 4).reshape(bq.n, -1).astype(np.uint8), scales=bq.scales * 16,
+                            zero_points=(zs >> 4).astype(np.uint8), bits=4, block_size=bq.block_size, k=bq.k)
+    residual = BlockQuantized(q=(shifted & 15).reshape(bq.n, -1).astype(np.uint8), scales=bq.scales.copy(),
+                              zero_points=(zs & 15).astype(np.uint8), bits=4, block_size=bq.block_size, k=bq.k)
+    return coarse, residual
+
+
 def _blocks(w: np.ndarray, block_size: int) -> tuple[np.ndarray, int]:
     """[N, K] -> [N, K_blocks, block] float32, zero-padding K up to a whole block."""
     n, k = w.shape

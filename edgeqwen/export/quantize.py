@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .blockquant import BlockQuantized, quantize
+from .blockquant import BlockQuantized, quantize, quantize_rtn, split_8bit
 
 MS_DOMAIN = "com.microsoft"
 
@@ -44,6 +44,9 @@ class QuantPlan:
     tie_tolerance: float = 0.08  # max relative Frobenius difference to treat embed and lm_head as one matrix
     # Mixed precision: weights whose name contains one of these stay at 8 bits in an int4 bundle.
     eight_bit: tuple[str, ...] = ()
+    # An 8-bit vocabulary matrix in an int4 bundle is stored as coarse + residual 4-bit halves; the lm_head
+    # reads the coarse half and rescores this many best candidates with both (0: a plain 8-bit lm_head).
+    vocab_refine: int = 0
 
     @property
     def body_bits(self) -> int | None:
@@ -66,6 +69,12 @@ class QuantReport:
         self.tensors[name] = {"how": how, "bits": bq.bits, "block_size": bq.block_size, "shape": [bq.n, bq.k]}
         self.float_bytes += float_bytes
         self.quant_bytes += bq.nbytes()
+
+    def add_split(self, name: str, how: str, coarse: BlockQuantized, residual: BlockQuantized, top_k: int,
+                  float_bytes: int) -> None:
+        self.add(name, how, coarse, float_bytes)
+        self.tensors[name].update(bits="4+4", refine_top_k=top_k)
+        self.quant_bytes += residual.nbytes()
 
     def summary(self) -> dict:
         hows: dict[str, int] = {}
@@ -185,34 +194,116 @@ def keeps_8_bits(weight_name: str, patterns: tuple[str, ...]) -> bool:
     return any(p in weight_name for p in patterns)
 
 
+def _gbq(name: str, codes: str, indices: str, scales: str, zp: str | None, out: str, bq: BlockQuantized):
+    """GatherBlockQuantized over a MatMulNBits-packed [V, K_blocks, blob] codes tensor (quantize_axis=2)."""
+    return helper.make_node("GatherBlockQuantized", [codes, indices, scales] + ([zp] if zp else []), [out],
+                            name=name, domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
+                            block_size=bq.block_size, bits=bq.bits)
+
+
+def _gather_view(base: str, bq: BlockQuantized, flat_scales: str) -> tuple[list, list, str | None]:
+    """Nodes and initializers that let GatherBlockQuantized read a MatMulNBits weight: its flat scales
+    reshaped to [V, K_blocks, 1] (a constant onnxruntime folds at load, so the 16 MB are stored once) and
+    zero points in the gather's layout, when they are not the default."""
+    s, z, s_shape = f"{base}.scales", f"{base}.qzeros", f"{base}.scales_shape"
+    inits = [numpy_helper.from_array(np.array([bq.n, bq.k_blocks, 1], np.int64), s_shape)]
+    nodes = [helper.make_node("Reshape", [flat_scales, s_shape], [s], name=f"{base}/ScalesReshape")]
+    if bq.default_zero_point() and bq.bits == 4:  # 4-bit gathers assume 8, like MatMulNBits
+        return nodes, inits, None
+    # GatherBlockQuantized packs 4-bit zero points along the quantized axis, here of length 1 (one block per
+    # row of the 3-D view): one zero point per byte, not MatMulNBits' two
+    zp = bq.packed_zero_points() if bq.bits == 8 else bq.zero_points.astype(np.uint8)
+    inits.append(numpy_helper.from_array(zp.reshape(bq.n, -1, 1), z))
+    return nodes, inits, z
+
+
 def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQuantized, wname: str,
                       accuracy_level: int) -> tuple:
     """lm_head MatMulNBits + embedding GatherBlockQuantized reading one codes initializer.
 
     The codes are stored once as MatMulNBits wants them ([V, K_blocks, blob]); the gather reads the same
-    3-D tensor with quantize_axis=2 and a Reshape back to [..., hidden]. The scales are stored once too
-    (flat, for MatMulNBits; 16 MB for Qwen's vocabulary) and reshaped in the graph for the gather, a
-    constant onnxruntime folds at load. Zero points (4 MB) exist in the gather's shape only when needed.
+    3-D tensor with quantize_axis=2 and a Reshape back to [..., hidden].
     """
     head, inits = _matmul_nbits(matmul, bq, wname, accuracy_level)
-    codes, flat_scales = head.input[1], head.input[2]
-    base = "model.embed_tokens.shared"
-    s, z, shape, s_shape = f"{base}.scales", f"{base}.qzeros", f"{base}.shape", f"{base}.scales_shape"
-    # GatherBlockQuantized packs 4-bit zero points along the quantized axis, here of length 1 (one block per
-    # row of the 3-D view): one zero point per byte, not MatMulNBits' two
-    zp = bq.packed_zero_points() if bq.bits == 8 else bq.zero_points.astype(np.uint8)
-    inits = inits + [
-        numpy_helper.from_array(zp.reshape(bq.n, -1, 1), z),
-        numpy_helper.from_array(np.array([0, 0, bq.k], np.int64), shape),
-        numpy_helper.from_array(np.array([bq.n, bq.k_blocks, 1], np.int64), s_shape),
-    ]
-    out = gather.output[0]
-    scales = helper.make_node("Reshape", [flat_scales, s_shape], [s], name=gather.name + "/ScalesReshape")
-    gbq = helper.make_node("GatherBlockQuantized", [codes, gather.input[1], s, z], [out + "/blocks"],
-                           name=gather.name + "BlockQuantizedShared", domain=MS_DOMAIN, gather_axis=0,
-                           quantize_axis=2, block_size=bq.block_size, bits=bq.bits)
+    base, out = "model.embed_tokens.shared", gather.output[0]
+    view, view_inits, zp = _gather_view(base, bq, head.input[2])
+    shape = f"{base}.shape"
+    inits = inits + view_inits + [numpy_helper.from_array(np.array([0, 0, bq.k], np.int64), shape)]
+    gbq = _gbq(gather.name + "BlockQuantizedShared", head.input[1], gather.input[1], f"{base}.scales", zp,
+               out + "/blocks", bq)
     reshape = helper.make_node("Reshape", [out + "/blocks", shape], [out], name=gather.name + "/Reshape")
-    return [scales, gbq, reshape], head, inits
+    return [*view, gbq, reshape], head, inits
+
+
+def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse: BlockQuantized,
+                   residual: BlockQuantized, wname: str, accuracy_level: int, top_k: int) -> tuple:
+    """The vocabulary matrix as coarse + residual 4-bit halves (``blockquant.split_8bit``).
+
+    lm_head: the coarse half alone gives approximate logits (MatMulNBits, half the bytes of 8 bits); TopK
+    picks the ``top_k`` best; their rows are gathered from both halves (the exact 8-bit values) and dotted
+    with the hidden state in float; ScatterElements writes those logits over the approximate ones. Every
+    token greedy or top-k/top-p sampling can pick gets its 8-bit logit; only the far tail keeps 4-bit
+    error. The embedding (when shared) sums both halves' rows, so it is the 8-bit table.
+    Returns (embedding nodes or [], lm_head nodes, initializers).
+    """
+    logits = matmul.output[0]
+    coarse_node = onnx.NodeProto()
+    coarse_node.CopyFrom(matmul)
+    coarse_node.output[0] = logits + "/coarse"
+    head, inits = _matmul_nbits(coarse_node, coarse, wname, accuracy_level)
+    base = wname.replace(".weight", "")
+    c_view, c_inits, c_zp = _gather_view(f"{base}.coarse", coarse, head.input[2])
+    r_codes, r_scales, r_sixteen = f"{base}.residual.qweight", f"{base}.residual.scales", f"{base}.residual.div"
+    # the residual's scales are the coarse ones / 16 (split_8bit): computed in the graph, folded at load
+    r_view = [helper.make_node("Div", [f"{base}.coarse.scales", r_sixteen], [r_scales], name=f"{base}/ResidualScales")]
+    r_inits = [numpy_helper.from_array(residual.packed_codes(), r_codes),
+               numpy_helper.from_array(np.array(16, np.float32), r_sixteen)]
+    r_zp = None
+    if not residual.default_zero_point():
+        r_zp = f"{base}.residual.qzeros"
+        r_inits.append(numpy_helper.from_array(residual.zero_points.astype(np.uint8).reshape(residual.n, -1, 1), r_zp))
+    inits = inits + c_inits + r_inits
+    dims = {2: f"{base}.rows_shape2", 3: f"{base}.rows_shape3"}  # [..., K_blocks, block] -> [..., hidden]
+    inits += [numpy_helper.from_array(np.array([0] * r + [coarse.k], np.int64), n) for r, n in dims.items()]
+
+    def rows(indices: str, out: str, rank: int, tag: str) -> list:
+        return [_gbq(f"{tag}/Coarse", head.input[1], indices, f"{base}.coarse.scales", c_zp, out + "/c", coarse),
+                _gbq(f"{tag}/Residual", r_codes, indices, r_scales, r_zp, out + "/r", residual),
+                helper.make_node("Add", [out + "/c", out + "/r"], [out + "/blocks"], name=f"{tag}/Add"),
+                helper.make_node("Reshape", [out + "/blocks", dims[rank]], [out], name=f"{tag}/Reshape")]
+
+    embed = rows(gather.input[1], gather.output[0], 2, gather.name + "Split") if gather is not None else []
+    k, axes_last, axes_pen = f"{base}.refine_k", f"{base}.axis_last", f"{base}.axis_penultimate"
+    inits += [numpy_helper.from_array(np.array([min(top_k, coarse.n)], np.int64), k),
+              numpy_helper.from_array(np.array([-1], np.int64), axes_last),
+              numpy_helper.from_array(np.array([-2], np.int64), axes_pen)]
+    t, hidden = matmul.name + "Refine", matmul.input[0]
+    refine = [helper.make_node("TopK", [logits + "/coarse", k], [t + "/values", t + "/ids"], name=t + "/TopK", axis=-1),
+              *rows(t + "/ids", t + "/rows", 3, t),
+              helper.make_node("Unsqueeze", [hidden, axes_pen], [t + "/hidden"], name=t + "/Unsqueeze"),
+              helper.make_node("Mul", [t + "/hidden", t + "/rows"], [t + "/products"], name=t + "/Mul"),
+              helper.make_node("ReduceSum", [t + "/products", axes_last], [t + "/exact"], name=t + "/Dot", keepdims=0),
+              helper.make_node("ScatterElements", [logits + "/coarse", t + "/ids", t + "/exact"], [logits],
+                               name=t + "/Scatter", axis=-1)]
+    views = [*c_view, *r_view]  # before the first reader: the embedding if shared, else the lm_head
+    if gather is None:
+        return [], [*views, head, *refine], inits
+    return [*views, *embed], [head, *refine], inits
+
+
+def _refines(plan: QuantPlan, bq: BlockQuantized) -> bool:
+    """Split an 8-bit vocabulary matrix only in int4 bundles (int8 ones stay exact end to end)."""
+    return plan.vocab_refine > 0 and plan.body_bits == 4 and bq.bits == 8
+
+
+def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str) -> tuple:
+    """(coarse, residual, how) for ``_refined_vocab``. The split is exact for a symmetric 8-bit grid (GGUF
+    Q8_0 copies, RTN): its zero point 128 leaves room for the offset that makes the coarse half round to
+    nearest. An asymmetric fit fills all 256 codes, so that weight is re-coded with symmetric RTN first."""
+    if not bq.default_zero_point():
+        bq, how = quantize_rtn(w_nk, 8, bq.block_size, symmetric=True), "rtn"
+    coarse, residual = split_8bit(bq)
+    return coarse, residual, how
 
 
 def _tie_candidates(graph: onnx.GraphProto, weights: "ExternalWeights"):
@@ -250,12 +341,21 @@ def quantize_graph(
             diff = float(np.linalg.norm(emb - lm_nk) / max(float(np.linalg.norm(lm_nk)), 1e-30))
             if diff <= plan.tie_tolerance:
                 bq, how = coder(head.input[1], lm_nk, plan.shared_bits, "lm_head")
-                nodes, head_node, inits = _shared_embedding(gather, head, bq, head.input[1], plan.accuracy_level)
-                shared[gather.name], shared[head.name] = nodes, [head_node]
-                report.add(head.input[1], how + f"+shared-embedding(diff {diff:.3f})", bq, lm.nbytes + emb.nbytes)
+                how += f"+shared-embedding(diff {diff:.3f})"
+                if _refines(plan, bq):
+                    coarse, residual, how = _split_for_refine(bq, lm_nk, how)
+                    nodes, head_nodes, inits = _refined_vocab(gather, head, coarse, residual, head.input[1],
+                                                              plan.accuracy_level, plan.vocab_refine)
+                    report.add_split(head.input[1], how, coarse, residual, plan.vocab_refine, lm.nbytes + emb.nbytes)
+                else:
+                    nodes, head_node, inits = _shared_embedding(gather, head, bq, head.input[1], plan.accuracy_level)
+                    head_nodes = [head_node]
+                    report.add(head.input[1], how, bq, lm.nbytes + emb.nbytes)
+                shared[gather.name], shared[head.name] = nodes, head_nodes
                 replaced |= {gather.input[0], head.input[1]}
                 new_inits.extend(inits)
-                report.tied = {"relative_difference": round(diff, 4), "bits": bq.bits}
+                report.tied = {"relative_difference": round(diff, 4),
+                               "bits": "4+4" if _refines(plan, bq) else bq.bits}
     for node in progress(list(graph.node)):
         if node.name in shared:
             new_nodes.extend(shared[node.name])
@@ -270,7 +370,17 @@ def quantize_graph(
             if bits is None or w.ndim != 2 or w.shape[0] % plan.block_size:
                 new_nodes.append(node)
                 continue
-            bq, how = coder(wname, np.ascontiguousarray(w.T), bits, role)
+            w_nk = np.ascontiguousarray(w.T)
+            bq, how = coder(wname, w_nk, bits, role)
+            if role == "lm_head" and _refines(plan, bq):
+                coarse, residual, how = _split_for_refine(bq, w_nk, how)
+                _, new, inits = _refined_vocab(None, node, coarse, residual, wname, plan.accuracy_level,
+                                               plan.vocab_refine)
+                report.add_split(wname, how, coarse, residual, plan.vocab_refine, w.nbytes)
+                replaced.add(wname)
+                new_nodes.extend(new)
+                new_inits.extend(inits)
+                continue
             new, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level)
         elif node.op_type == "Gather" and node.input[0] in weights and plan.embed_bits:
             wname = node.input[0]
