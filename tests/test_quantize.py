@@ -339,3 +339,22 @@ def test_cli_vocab_refine_zero_keeps_a_plain_8_bit_lm_head(tiny_models, tmp_path
     assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(tmp_path / "c"), "--vocab-refine",
                  "-3"]) == 2
     assert "'vocab_refine'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cuda", "windows-dml"])
+def test_fp16_profiles_write_fp16_scales_and_verify_against_the_source(tiny_models, tmp_path, allow_tiny,
+                                                                        device) -> None:
+    """GPU profiles build an fp16 graph: MatMulNBits/GatherBlockQuantized take their output type from the
+    scales, so fp32 scales made the graph invalid (onnxruntime: type mismatch at the embedding)."""
+    from edgeqwen import runtime
+    from edgeqwen.export import export
+
+    result = export(str(tiny_models["qwen2_tied"]), device, tmp_path / "b", progress=False)
+    assert result.manifest.verification["passed"] is True  # CPU run of the fp16 graph vs the float model
+    model, ops = ops_of(tmp_path / "b")
+    inits = {t.name: t for t in model.graph.initializer}
+    quantized = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert {inits[n.input[2]].data_type for n in quantized if n.input[2] in inits} == {TensorProto.FLOAT16}
+    assert ops["TopK"] == 1  # the vocabulary split works in fp16 too
+    out = runtime.load(tmp_path / "b", provider="cpu").generate("1, 2, 3,", max_new_tokens=4, temperature=0)
+    assert len(out.tokens) == 4

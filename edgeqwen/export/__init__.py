@@ -228,7 +228,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
                 shutil.copy2(work / "genai_config.json", tmp / "genai_config.json")
                 adjust_genai_config(tmp / "genai_config.json", context=ctx, generation=generation,
                                     provider=profile.providers[0], threads=profile.threads)
-                io = GraphIO(io_dtype="float16" if profile.io_dtype == "fp16" else "float32")
+                io = _fast_graph_io(tmp / "genai_config.json", profile)
             manifest = Manifest(
                 format=FORMAT, format_version=FORMAT_VERSION,
                 name=(src.entry.alias if src.entry else Path(src.spec).name) + f"-{profile.precision}",
@@ -260,6 +260,16 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return ExportResult(bundle=target.target, manifest=manifest, timings=stages.timings)
+
+
+def _fast_graph_io(genai_config: Path, profile: Profile) -> GraphIO:
+    """The builder's graph I/O, read from its genai_config.json: the DirectML graph takes explicit
+    position_ids (separate RotaryEmbedding nodes), the CPU/CUDA ones derive positions from the mask."""
+    decoder = json.loads(genai_config.read_text())["model"]["decoder"]
+    search = json.loads(genai_config.read_text()).get("search", {})
+    return GraphIO(position_ids=decoder.get("inputs", {}).get("position_ids"),
+                   shared_kv_buffer=bool(search.get("past_present_share_buffer", True)),
+                   io_dtype="float16" if profile.io_dtype == "fp16" else "float32")
 
 
 def _eight_bit(profile: Profile, src) -> tuple[str, ...]:

@@ -153,12 +153,13 @@ def _role(name: str) -> str:
     return "body"
 
 
-def _matmul_nbits(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy_level: int) -> tuple:
+def _matmul_nbits(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy_level: int,
+                  dtype: type = np.float32) -> tuple:
     base = wname.replace(".weight", "")
     b, s, z = f"{base}.qweight", f"{base}.scales", f"{base}.qzeros"
     inits = [
         numpy_helper.from_array(bq.packed_codes(), b),
-        numpy_helper.from_array(bq.scales.reshape(-1), s),
+        numpy_helper.from_array(bq.scales.reshape(-1).astype(dtype), s),
     ]
     inputs = [node.input[0], b, s]
     if not bq.default_zero_point():  # the kernels assume 2**(bits-1) when the input is absent
@@ -171,13 +172,13 @@ def _matmul_nbits(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy
     return new, inits
 
 
-def _gather_block_quantized(node: onnx.NodeProto, bq: BlockQuantized, wname: str) -> tuple:
+def _gather_block_quantized(node: onnx.NodeProto, bq: BlockQuantized, wname: str, dtype: type = np.float32) -> tuple:
     base = wname.replace(".weight", "")
     d, s, z = f"{base}.qweight", f"{base}.scales", f"{base}.qzeros"
     codes = bq.packed_codes().reshape(bq.n, -1)
     inits = [
         numpy_helper.from_array(codes, d),
-        numpy_helper.from_array(bq.scales, s),
+        numpy_helper.from_array(bq.scales.astype(dtype), s),
         numpy_helper.from_array(bq.packed_zero_points(), z),
     ]
     new = helper.make_node(
@@ -218,13 +219,13 @@ def _gather_view(base: str, bq: BlockQuantized, flat_scales: str) -> tuple[list,
 
 
 def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQuantized, wname: str,
-                      accuracy_level: int) -> tuple:
+                      accuracy_level: int, dtype: type = np.float32) -> tuple:
     """lm_head MatMulNBits + embedding GatherBlockQuantized reading one codes initializer.
 
     The codes are stored once as MatMulNBits wants them ([V, K_blocks, blob]); the gather reads the same
     3-D tensor with quantize_axis=2 and a Reshape back to [..., hidden].
     """
-    head, inits = _matmul_nbits(matmul, bq, wname, accuracy_level)
+    head, inits = _matmul_nbits(matmul, bq, wname, accuracy_level, dtype)
     base, out = "model.embed_tokens.shared", gather.output[0]
     view, view_inits, zp = _gather_view(base, bq, head.input[2])
     shape = f"{base}.shape"
@@ -236,7 +237,8 @@ def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQ
 
 
 def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse: BlockQuantized,
-                   residual: BlockQuantized, wname: str, accuracy_level: int, top_k: int) -> tuple:
+                   residual: BlockQuantized, wname: str, accuracy_level: int, top_k: int,
+                   dtype: type = np.float32) -> tuple:
     """The vocabulary matrix as coarse + residual 4-bit halves (``blockquant.split_8bit``).
 
     lm_head: the coarse half alone gives approximate logits (MatMulNBits, half the bytes of 8 bits); TopK
@@ -250,14 +252,14 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     coarse_node = onnx.NodeProto()
     coarse_node.CopyFrom(matmul)
     coarse_node.output[0] = logits + "/coarse"
-    head, inits = _matmul_nbits(coarse_node, coarse, wname, accuracy_level)
+    head, inits = _matmul_nbits(coarse_node, coarse, wname, accuracy_level, dtype)
     base = wname.replace(".weight", "")
     c_view, c_inits, c_zp = _gather_view(f"{base}.coarse", coarse, head.input[2])
     r_codes, r_scales, r_sixteen = f"{base}.residual.qweight", f"{base}.residual.scales", f"{base}.residual.div"
     # the residual's scales are the coarse ones / 16 (split_8bit): computed in the graph, folded at load
     r_view = [helper.make_node("Div", [f"{base}.coarse.scales", r_sixteen], [r_scales], name=f"{base}/ResidualScales")]
     r_inits = [numpy_helper.from_array(residual.packed_codes(), r_codes),
-               numpy_helper.from_array(np.array(16, np.float32), r_sixteen)]
+               numpy_helper.from_array(np.array(16, dtype), r_sixteen)]
     r_zp = None
     if not residual.default_zero_point():
         r_zp = f"{base}.residual.qzeros"
@@ -306,6 +308,17 @@ def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str) -> tuple:
     return coarse, residual, how
 
 
+def _float_dtype(graph: onnx.GraphProto, weights: "ExternalWeights") -> type:
+    """The graph's float type (fp16 for GPU profiles): block scales must match it, since MatMulNBits and
+    GatherBlockQuantized take their output type from the scales."""
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gather") and len(node.input) == 2:
+            name = node.input[1] if node.op_type == "MatMul" else node.input[0]
+            if name in weights and weights.inits[name].data_type == onnx.TensorProto.FLOAT16:
+                return np.float16
+    return np.float32
+
+
 def _tie_candidates(graph: onnx.GraphProto, weights: "ExternalWeights"):
     """The embedding Gather and lm_head MatMul nodes, if the graph has both with float initializers."""
     gather = next((n for n in graph.node if n.op_type == "Gather" and n.input[0] in weights
@@ -334,6 +347,7 @@ def quantize_graph(
     replaced: set[str] = set()
     shared: dict[str, list[onnx.NodeProto]] = {}
     gather, head = _tie_candidates(graph, weights)
+    dtype = _float_dtype(graph, weights)
     if plan.share_embeddings and gather is not None and head is not None:
         emb, lm = weights.array(gather.input[0]), weights.array(head.input[1])  # [V, H] and [H, V]
         if emb.shape == lm.shape[::-1] and emb.shape[1] % plan.block_size == 0:
@@ -345,10 +359,11 @@ def quantize_graph(
                 if _refines(plan, bq):
                     coarse, residual, how = _split_for_refine(bq, lm_nk, how)
                     nodes, head_nodes, inits = _refined_vocab(gather, head, coarse, residual, head.input[1],
-                                                              plan.accuracy_level, plan.vocab_refine)
+                                                              plan.accuracy_level, plan.vocab_refine, dtype)
                     report.add_split(head.input[1], how, coarse, residual, plan.vocab_refine, lm.nbytes + emb.nbytes)
                 else:
-                    nodes, head_node, inits = _shared_embedding(gather, head, bq, head.input[1], plan.accuracy_level)
+                    nodes, head_node, inits = _shared_embedding(gather, head, bq, head.input[1], plan.accuracy_level,
+                                                                dtype)
                     head_nodes = [head_node]
                     report.add(head.input[1], how, bq, lm.nbytes + emb.nbytes)
                 shared[gather.name], shared[head.name] = nodes, head_nodes
@@ -375,13 +390,13 @@ def quantize_graph(
             if role == "lm_head" and _refines(plan, bq):
                 coarse, residual, how = _split_for_refine(bq, w_nk, how)
                 _, new, inits = _refined_vocab(None, node, coarse, residual, wname, plan.accuracy_level,
-                                               plan.vocab_refine)
+                                               plan.vocab_refine, dtype)
                 report.add_split(wname, how, coarse, residual, plan.vocab_refine, w.nbytes)
                 replaced.add(wname)
                 new_nodes.extend(new)
                 new_inits.extend(inits)
                 continue
-            new, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level)
+            new, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level, dtype)
         elif node.op_type == "Gather" and node.input[0] in weights and plan.embed_bits:
             wname = node.input[0]
             w = weights.array(wname)
@@ -389,7 +404,7 @@ def quantize_graph(
                 new_nodes.append(node)
                 continue
             bq, how = coder(wname, w, plan.embed_bits, "embed")
-            new, inits = _gather_block_quantized(node, bq, wname)
+            new, inits = _gather_block_quantized(node, bq, wname, dtype)
         else:
             new_nodes.append(node)
             continue
