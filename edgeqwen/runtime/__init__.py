@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from ..bundle import Manifest, load_bundle
 from ..errors import BundleError, ContextOverflowError, GenerationError
 from .chat import ChatTemplate, Reply, ToolCall, parse_reply
-from .generate import Engine, Stats, StopRule, generate
+from .generate import DEFAULT_PREFILL_CHUNK, Engine, Stats, StopRule, generate
 from .sampling import Sampler, SamplingParams
 from .session import choose_provider, create_session
 from .text import IncrementalDetokenizer, StopMatcher
@@ -73,10 +73,13 @@ class Model:
                                   "--context N for a longer one.")
         self.context = context or spec.context_length
         self.provider = choose_provider(provider, manifest.profile, manifest.backend)
+        # The tokenizer first: parsing tokenizer.json peaks ~45 MB above what it keeps, and that transient
+        # heap is handed back before the session exists. Loaded after the session, the same parse raised
+        # peak RSS by 87 MB on the 0.5B (measured: 861 vs 774 MB after both loads).
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.session, self.session_info = create_session(folder / "model.onnx", self.provider, threads=threads,
                                                          profile=manifest.profile)
         self.engine = Engine(self.session, manifest, context=self.context, prefill_chunk=prefill_chunk)
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.generation_config = _read_json(folder / "generation_config.json")
         tok_cfg = _read_json(folder / "tokenizer_config.json")
         template = tok_cfg.get("chat_template")
@@ -263,7 +266,7 @@ class Conversation:
 
 
 def load(bundle: str | Path, provider: str = "auto", threads: int | None = None, context: int | None = None,
-         *, verify: bool = True, prefill_chunk: int = 512) -> Model:
+         *, verify: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Model:
     """Load an exported bundle folder. ``verify`` checks every file's sha256 against the manifest."""
     folder = Path(bundle)
     manifest = load_bundle(folder, verify=verify)
