@@ -275,16 +275,16 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
                 helper.make_node("Reshape", [out + "/blocks", dims[rank]], [out], name=f"{tag}/Reshape")]
 
     embed = rows(gather.input[1], gather.output[0], 2, gather.name + "Split") if gather is not None else []
-    k, axes_last, axes_pen = f"{base}.refine_k", f"{base}.axis_last", f"{base}.axis_penultimate"
+    k, last = f"{base}.refine_k", f"{base}.axis_last"
     inits += [numpy_helper.from_array(np.array([min(top_k, coarse.n)], np.int64), k),
-              numpy_helper.from_array(np.array([-1], np.int64), axes_last),
-              numpy_helper.from_array(np.array([-2], np.int64), axes_pen)]
+              numpy_helper.from_array(np.array([-1], np.int64), last)]
     t, hidden = matmul.name + "Refine", matmul.input[0]
+    # rows [..., top_k, hidden] @ hidden [..., hidden, 1]: a MatMul, whose kernels accumulate fp16 in fp32
     refine = [helper.make_node("TopK", [logits + "/coarse", k], [t + "/values", t + "/ids"], name=t + "/TopK", axis=-1),
               *rows(t + "/ids", t + "/rows", 3, t),
-              helper.make_node("Unsqueeze", [hidden, axes_pen], [t + "/hidden"], name=t + "/Unsqueeze"),
-              helper.make_node("Mul", [t + "/hidden", t + "/rows"], [t + "/products"], name=t + "/Mul"),
-              helper.make_node("ReduceSum", [t + "/products", axes_last], [t + "/exact"], name=t + "/Dot", keepdims=0),
+              helper.make_node("Unsqueeze", [hidden, last], [t + "/hidden"], name=t + "/Unsqueeze"),
+              helper.make_node("MatMul", [t + "/rows", t + "/hidden"], [t + "/dots"], name=t + "/Dot"),
+              helper.make_node("Squeeze", [t + "/dots", last], [t + "/exact"], name=t + "/Squeeze"),
               helper.make_node("ScatterElements", [logits + "/coarse", t + "/ids", t + "/exact"], [logits],
                                name=t + "/Scatter", axis=-1)]
     views = [*c_view, *r_view]  # before the first reader: the embedding if shared, else the lm_head
@@ -303,7 +303,7 @@ def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str) -> tuple:
     Q8_0 copies, RTN): its zero point 128 leaves room for the offset that makes the coarse half round to
     nearest. An asymmetric fit fills all 256 codes, so that weight is re-coded with symmetric RTN first."""
     if not bq.default_zero_point():
-        bq, how = quantize_rtn(w_nk, 8, bq.block_size, symmetric=True), "rtn"
+        bq, how = quantize_rtn(w_nk, 8, bq.block_size, symmetric=True), f"rtn-symmetric(for the split; not {how})"
     coarse, residual = split_8bit(bq)
     return coarse, residual, how
 
