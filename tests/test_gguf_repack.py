@@ -178,6 +178,16 @@ def test_faithful_copies_exact_types_bit_for_bit(gguf_file) -> None:
     assert np.array_equal(bq.dequantize(), floats["blk.0.attn_output.weight"])
 
 
+def test_fp16_graph_weights_still_get_the_exact_codes(gguf_file) -> None:
+    """GPU profiles build an fp16 float graph: its weights are the GGUF values rounded to fp16, which must
+    not read as a name/layout mismatch (it did: fp16 bundles silently fell back to fitted 4-bit)."""
+    path, floats = gguf_file
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="faithful"), fallback=never)
+    w = floats["blk.0.attn_output.weight"]
+    bq, how = code(O_PROJ, w.astype(np.float16), 4, "body")
+    assert how == "gguf-exact:Q4_0" and np.array_equal(bq.dequantize(), w)
+
+
 def test_faithful_fits_inexact_types_at_8_bits_with_bounded_error(gguf_file) -> None:
     path, floats = gguf_file
     code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="faithful", block_size=32), fallback=never)
