@@ -265,10 +265,9 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
 def _fast_graph_io(genai_config: Path, profile: Profile) -> GraphIO:
     """The builder's graph I/O, read from its genai_config.json: the DirectML graph takes explicit
     position_ids (separate RotaryEmbedding nodes), the CPU/CUDA ones derive positions from the mask."""
-    decoder = json.loads(genai_config.read_text())["model"]["decoder"]
-    search = json.loads(genai_config.read_text()).get("search", {})
-    return GraphIO(position_ids=decoder.get("inputs", {}).get("position_ids"),
-                   shared_kv_buffer=bool(search.get("past_present_share_buffer", True)),
+    cfg = json.loads(genai_config.read_text())
+    return GraphIO(position_ids=cfg["model"]["decoder"].get("inputs", {}).get("position_ids"),
+                   shared_kv_buffer=bool(cfg.get("search", {}).get("past_present_share_buffer", True)),
                    io_dtype="float16" if profile.io_dtype == "fp16" else "float32")
 
 
