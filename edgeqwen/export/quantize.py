@@ -308,6 +308,24 @@ def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str) -> tuple:
     return coarse, residual, how
 
 
+def _lm_head(gather: onnx.NodeProto | None, head: onnx.NodeProto, bq: BlockQuantized, w_nk: np.ndarray, how: str,
+             plan: QuantPlan, dtype: type, report: QuantReport, float_bytes: int) -> tuple:
+    """The lm_head, and the embedding too when ``gather`` shares its matrix: split and refined when the plan
+    asks for it, else one MatMulNBits (whose codes the gather reads). Records the weight in ``report``.
+    Returns (embedding nodes or [], lm_head nodes, initializers)."""
+    name = head.input[1]
+    if _refines(plan, bq):
+        coarse, residual, how = _split_for_refine(bq, w_nk, how)
+        report.add_split(name, how, coarse, residual, plan.vocab_refine, float_bytes)
+        return _refined_vocab(gather, head, coarse, residual, name, plan.accuracy_level, plan.vocab_refine, dtype)
+    report.add(name, how, bq, float_bytes)
+    if gather is None:
+        node, inits = _matmul_nbits(head, bq, name, plan.accuracy_level, dtype)
+        return [], [node], inits
+    nodes, node, inits = _shared_embedding(gather, head, bq, name, plan.accuracy_level, dtype)
+    return nodes, [node], inits
+
+
 def _float_dtype(graph: onnx.GraphProto, weights: "ExternalWeights") -> type:
     """The graph's float type (fp16 for GPU profiles): block scales must match it, since MatMulNBits and
     GatherBlockQuantized take their output type from the scales."""
@@ -355,17 +373,8 @@ def quantize_graph(
             diff = float(np.linalg.norm(emb - lm_nk) / max(float(np.linalg.norm(lm_nk)), 1e-30))
             if diff <= plan.tie_tolerance:
                 bq, how = coder(head.input[1], lm_nk, plan.shared_bits, "lm_head")
-                how += f"+shared-embedding(diff {diff:.3f})"
-                if _refines(plan, bq):
-                    coarse, residual, how = _split_for_refine(bq, lm_nk, how)
-                    nodes, head_nodes, inits = _refined_vocab(gather, head, coarse, residual, head.input[1],
-                                                              plan.accuracy_level, plan.vocab_refine, dtype)
-                    report.add_split(head.input[1], how, coarse, residual, plan.vocab_refine, lm.nbytes + emb.nbytes)
-                else:
-                    nodes, head_node, inits = _shared_embedding(gather, head, bq, head.input[1], plan.accuracy_level,
-                                                                dtype)
-                    head_nodes = [head_node]
-                    report.add(head.input[1], how, bq, lm.nbytes + emb.nbytes)
+                nodes, head_nodes, inits = _lm_head(gather, head, bq, lm_nk, how + f"+shared-embedding(diff {diff:.3f})",
+                                                    plan, dtype, report, lm.nbytes + emb.nbytes)
                 shared[gather.name], shared[head.name] = nodes, head_nodes
                 replaced |= {gather.input[0], head.input[1]}
                 new_inits.extend(inits)
@@ -387,11 +396,8 @@ def quantize_graph(
                 continue
             w_nk = np.ascontiguousarray(w.T)
             bq, how = coder(wname, w_nk, bits, role)
-            if role == "lm_head" and _refines(plan, bq):
-                coarse, residual, how = _split_for_refine(bq, w_nk, how)
-                _, new, inits = _refined_vocab(None, node, coarse, residual, wname, plan.accuracy_level,
-                                               plan.vocab_refine, dtype)
-                report.add_split(wname, how, coarse, residual, plan.vocab_refine, w.nbytes)
+            if role == "lm_head":
+                _, new, inits = _lm_head(None, node, bq, w_nk, how, plan, dtype, report, w.nbytes)
                 replaced.add(wname)
                 new_nodes.extend(new)
                 new_inits.extend(inits)
