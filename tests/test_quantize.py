@@ -358,3 +358,37 @@ def test_fp16_profiles_write_fp16_scales_and_verify_against_the_source(tiny_mode
     assert ops["TopK"] == 1  # the vocabulary split works in fp16 too
     out = runtime.load(tmp_path / "b", provider="cpu").generate("1, 2, 3,", max_new_tokens=4, temperature=0)
     assert len(out.tokens) == 4
+
+
+def test_calibration_records_every_layers_gram_matrix_once_per_input(qwen2_tied) -> None:
+    """GPTQ needs X^T X of each linear layer's input (attention included); q/k/v and gate/up read the same
+    input, so they get the same matrix. Checked against the inputs captured from transformers directly."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from edgeqwen.export.calibrate import calibration_text, input_statistics
+
+    text = calibration_text()[:600]
+    importance, hessians = input_statistics(qwen2_tied, text, hessian_for=("mlp.", "attn."))
+    ids = Tokenizer.from_file(str(qwen2_tied / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+    model = AutoModelForCausalLM.from_pretrained(str(qwen2_tied), dtype=torch.float32).eval()
+    seen: dict[str, np.ndarray] = {}
+    layer = model.model.layers[1]
+    for name, module in (("q", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj),
+                         ("gate", layer.mlp.gate_proj), ("down", layer.mlp.down_proj)):
+        module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, i[0][0].double().numpy()))
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([ids]))
+    prefix = "model.layers.1."
+    for key, onnx_names in (("q", ("attn.qkv_proj", "attn.q_proj", "attn.k_proj", "attn.v_proj")),
+                            ("o", ("attn.o_proj",)), ("gate", ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")),
+                            ("down", ("mlp.down_proj",))):
+        x = seen[key]
+        want = x.T @ x / len(ids)
+        for onnx_name in onnx_names:
+            got = hessians[f"{prefix}{onnx_name}.MatMul.weight"]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+            np.testing.assert_allclose(importance[f"{prefix}{onnx_name}.MatMul.weight"], np.diag(want), rtol=1e-4)
+    _, mlp_only = input_statistics(qwen2_tied, text, hessian_for=("mlp.",))
+    assert not any("attn." in k for k in mlp_only) and f"{prefix}mlp.up_proj.MatMul.weight" in mlp_only

@@ -302,12 +302,12 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
                      accuracy_level=profile.accuracy_level, gguf_mode=profile.gguf_mode,
                      embed_bits=4 if profile.precision == "int4" else 8,
                      lm_head_bits=vocab_bits, shared_bits=vocab_bits, eight_bit=eight_bit,
-                     vocab_refine=profile.vocab_refine)
+                     vocab_refine=profile.vocab_refine, block_size_8bit=profile.block_size_8bit)
     importance = hessians = None
     if plan.algo in ("k_quant", "gptq"):
         from .calibrate import input_statistics
 
-        importance, hessians = input_statistics(src.hf_dir, hessian_for=("mlp.",) if plan.algo == "gptq" else ())
+        importance, hessians = input_statistics(src.hf_dir, hessian_for=("mlp.", "attn.") if plan.algo == "gptq" else ())
     coder = float_coder(plan, importance, hessians)
     method = "float"
     if src.gguf_path is not None:

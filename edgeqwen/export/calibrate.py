@@ -25,6 +25,7 @@ _ONNX_FOR = {  # HF module -> the builder graph's initializer(s) that take the s
     "gate_proj": ("mlp.gate_proj", "mlp.gate_up_proj"), "up_proj": ("mlp.up_proj", "mlp.gate_up_proj"),
     "down_proj": ("mlp.down_proj",),
 }
+_SAME_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # module -> the one it shares input with
 
 
 def calibration_text() -> str:
@@ -65,13 +66,15 @@ def input_statistics(hf_dir: Path, text: str | None = None, *, max_tokens: int =
     hooks = []
 
     def hook(name):
-        want_gram = any(key in o for o in onnx_names(name) for key in hessian_for)
+        # q/k/v (and gate/up) read the same input: one Gram matrix serves them all
+        want_gram = (name.rsplit(".", 1)[-1] not in _SAME_INPUT
+                     and any(key in o for o in onnx_names(name) for key in hessian_for))
 
         def record(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x.double() ** 2).sum(dim=0)
             if want_gram:
-                grams[name] = grams.get(name, 0) + (x.T @ x).float()
+                grams[name] = grams.get(name, 0) + x.T @ x
 
         return record
 
@@ -84,6 +87,10 @@ def input_statistics(hf_dir: Path, text: str | None = None, *, max_tokens: int =
         h.remove()
     out: dict[str, np.ndarray] = {}
     hessians: dict[str, np.ndarray] = {}
+    for name, total in sums.items():
+        head, _, leaf = name.rpartition(".")
+        if leaf in _SAME_INPUT and f"{head}.{_SAME_INPUT[leaf]}" in grams:
+            grams[name] = grams[f"{head}.{_SAME_INPUT[leaf]}"]
     for name, total in sums.items():
         mean_sq = (total / len(ids)).float().numpy()
         gram = (grams[name] / len(ids)).numpy() if name in grams else None
