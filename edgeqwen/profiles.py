@@ -69,7 +69,8 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "accuracy_level", "eight_bit", "vocab_refine", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
+    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "io_dtype", "context", "threads",
+    "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
 _MANIFEST_EXTRA_KEYS = ("source", "host")
@@ -166,6 +167,12 @@ DEFAULT_EIGHT_BIT = ("attn.", "mlp.gate_proj", "lm_head", MEASURED)
 # gives the perplexity ratios of the plain 8-bit lm_head (within 0.004), 64 lets English drift by 0.009,
 # 1024 costs ~1.5 ms a step; top-1 agreement is the same for all. 0 keeps a plain 8-bit lm_head.
 DEFAULT_VOCAB_REFINE = 128
+# The body weights an int4 profile keeps at 8 bits get wider blocks than the 4-bit ones: at 8 bits a block of
+# 128 still rounds ~16x finer than int4, while per-32 scales and zero points (per-16 for Q6_K copies) add
+# 16-31% to those weights' bytes and slow the kernel (MatMulNBits 896x4864, 2 threads: 0.10 ms at block 32,
+# 0.07 ms at 128). Measured on the 0.5B default (benchmarks/README.md): decode 40.2 -> 44.7 tok/s, 513.7 ->
+# 480.5 MiB, perplexity ratios +0.003..0.008 against exact copies of the GGUF's blocks.
+DEFAULT_BLOCK_SIZE_8BIT = 128
 VOCAB_REFINE_MAX = 1024
 
 
@@ -210,6 +217,7 @@ _CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "quant_algo": _choice(QUANT_ALGOS),
     "gguf_mode": _choice(GGUF_MODES),
     "block_size": _choice(BLOCK_SIZES),
+    "block_size_8bit": _choice(BLOCK_SIZES),
     "accuracy_level": _int_range(0, 4),
     "eight_bit": _check_eight_bit,
     "vocab_refine": _int_range(0, VOCAB_REFINE_MAX),
@@ -252,6 +260,7 @@ class Profile:
     quant_algo: str = "gptq"
     gguf_mode: str = "fast"
     block_size: int = 32
+    block_size_8bit: int = DEFAULT_BLOCK_SIZE_8BIT  # int4 bundles: block of the weights kept at 8 bits
     accuracy_level: int = 4
     eight_bit: tuple[str, ...] = DEFAULT_EIGHT_BIT  # int4 bundles: weights matching these stay 8-bit
     vocab_refine: int = DEFAULT_VOCAB_REFINE  # int4 + 8-bit vocabulary: candidates rescored at 8 bits

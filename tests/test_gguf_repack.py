@@ -19,7 +19,7 @@ from edgeqwen.export.gguf_repack import (
     gguf_names,
     with_block_size,
 )
-from edgeqwen.export.quantize import QuantPlan
+from edgeqwen.export.quantize import QuantPlan, float_coder
 
 # byte offset of the float16 super-block scale(s) of each type, so random blocks get sane, finite scales
 SCALE_OFFSETS = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2)}
@@ -233,6 +233,42 @@ def test_a_q8_0_lm_head_is_copied_unless_the_plan_asks_for_4_bits(gguf_file) -> 
     # a body tensor of a sensitive type stays exact even when 4 bits were asked (the GGUF's own choice)
     bq, how = code("model.layers.0.attn.k_proj.MatMul.weight", floats["blk.0.attn_k.weight"], 4, "body")
     assert how == "gguf-exact:Q8_0"
+
+
+def test_an_int4_plan_with_a_wider_8_bit_block_refits_what_it_keeps_at_8_bits(gguf_file) -> None:
+    """With block_size_8bit, the 8-bit body weights of an int4 bundle (sensitive GGUF types, and weights the
+    profile keeps at 8 bits) go to the fallback at 8 bits instead of being copied with the GGUF's 16/32-wide
+    blocks; Q4_0 copies, the vocabulary matrix, faithful mode and int8 plans are unchanged."""
+    path, floats = gguf_file
+    calls: list = []
+    plan = QuantPlan(precision="int4", gguf_mode="fast", block_size_8bit=128)
+    code = gguf_coder(path, plan, fallback=recording_fallback(calls))
+    k_name = "model.layers.0.attn.k_proj.MatMul.weight"
+    bq, how = code(k_name, floats["blk.0.attn_k.weight"], 4, "body")  # Q8_0: sensitive, kept at 8 bits
+    assert how == "stub:Q8_0" and calls == [(k_name, 8, "body")]
+    bq, how = code(QKV, np.concatenate([floats[f"blk.0.attn_{p}.weight"] for p in "qkv"]), 8, "body")
+    assert how == "stub:Q5_0+Q6_K+Q8_0" and calls[-1] == (QKV, 8, "body")
+    bq, how = code(O_PROJ, floats["blk.0.attn_output.weight"], 4, "body")
+    assert how == "gguf-exact:Q4_0"
+    bq, how = code("lm_head.MatMul.weight", floats["output.weight"], 8, "lm_head")
+    assert how == "gguf-exact:Q8_0" and len(calls) == 2
+    for other in (QuantPlan(precision="int4", gguf_mode="faithful", block_size_8bit=128),
+                  QuantPlan(precision="int8", gguf_mode="fast", block_size_8bit=128),
+                  QuantPlan(precision="int4", gguf_mode="fast", block_size_8bit=192)):  # 192 does not divide K
+        bq, how = gguf_coder(path, other, fallback=never)(k_name, floats["blk.0.attn_k.weight"], 8, "body")
+        assert how == "gguf-exact:Q8_0" and bq.block_size == 32
+
+
+def test_the_float_coder_fits_8_bit_body_weights_at_the_wider_block() -> None:
+    w = np.random.default_rng(3).normal(0, 0.05, (8, HIDDEN)).astype(np.float32)
+    code = float_coder(QuantPlan(precision="int4", algo="k_quant", block_size=32, block_size_8bit=128))
+    bq, how = code(DOWN, w, 8, "body")
+    assert bq.bits == 8 and bq.block_size == 128 and how == "k_quant/block128"
+    assert np.sqrt(np.mean((bq.dequantize() - w) ** 2) / np.mean(w**2)) < 1 / 100
+    bq, how = code(DOWN, w, 4, "body")
+    assert bq.bits == 4 and bq.block_size == 32 and how == "k_quant"
+    bq, how = code("lm_head.MatMul.weight", w, 8, "lm_head")  # the vocabulary matrix keeps the plan's block
+    assert bq.block_size == 32
 
 
 def test_mismatched_weights_are_not_copied(gguf_file) -> None:

@@ -147,6 +147,7 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path):
     ("precision", "int3", ["int4", "int8", "fp16", "fp32"]),
     ("backend", "x", ["fast", "portable"]),
     ("block_size", 48, ["16", "32", "64", "128", "256"]),
+    ("block_size_8bit", 100, ["16", "32", "64", "128", "256"]),
     ("providers", ["tpu"], ["cpu", "cuda", "qnn"]),
     ("context", 100, ["256", "131072"]),
     ("accuracy_level", 7, ["0", "4"]),

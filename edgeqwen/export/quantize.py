@@ -44,6 +44,9 @@ class QuantPlan:
     tie_tolerance: float = 0.08  # max relative Frobenius difference to treat embed and lm_head as one matrix
     # Mixed precision: weights whose name contains one of these stay at 8 bits in an int4 bundle.
     eight_bit: tuple[str, ...] = ()
+    # Block size of those 8-bit body weights (None: block_size). Wider blocks cost 8-bit weights almost no
+    # accuracy and save scale bytes and kernel time; exact GGUF copies then give way to an 8-bit refit.
+    block_size_8bit: int | None = None
     # An 8-bit vocabulary matrix in an int4 bundle is stored as coarse + residual 4-bit halves; the lm_head
     # reads the coarse half and rescores this many best candidates with both (0: a plain 8-bit lm_head).
     vocab_refine: int = 0
@@ -104,9 +107,21 @@ def float_coder(plan: QuantPlan, importance: dict[str, np.ndarray] | None = None
             return quantize(w_nk, bits, plan.block_size, "gptq", imp, hessians[name]), "gptq"
         algo = "k_quant" if plan.algo == "gptq" else plan.algo
         how = algo + ("+imatrix" if imp is not None else "")
+        block = wide_8bit_block(plan, w_nk, bits, role)
+        if block:
+            return quantize(w_nk, bits, block, algo, imp), f"{how}/block{block}"
         return quantize(w_nk, bits, plan.block_size, algo, imp), how
 
     return code
+
+
+def wide_8bit_block(plan: QuantPlan, w_nk: np.ndarray, bits: int, role: str) -> int | None:
+    """The plan's wider block for an 8-bit body weight of an int4 bundle, where it divides the row."""
+    b = plan.block_size_8bit
+    if (bits == 8 and role == "body" and plan.precision == "int4" and b and b != plan.block_size
+            and w_nk.shape[1] % b == 0):
+        return b
+    return None
 
 
 class ExternalWeights:
