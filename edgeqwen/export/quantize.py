@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -93,7 +93,7 @@ WeightCoder = Callable[[str, np.ndarray, int, str], tuple[BlockQuantized, str]]
 
 
 def float_coder(plan: QuantPlan, importance: dict[str, np.ndarray] | None = None,
-                hessians: dict[str, np.ndarray] | None = None) -> WeightCoder:
+                hessians: Mapping[str, np.ndarray] | None = None) -> WeightCoder:
     """Quantize the float weights with the plan's algorithm, weighted by calibration importance if given.
 
     GPTQ runs where a Hessian was recorded and the weight goes to 4 bits; 8-bit weights and the
