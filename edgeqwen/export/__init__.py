@@ -307,7 +307,8 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
     if plan.algo in ("k_quant", "gptq"):
         from .calibrate import input_statistics
 
-        importance, hessians = input_statistics(src.hf_dir, hessian_for=("mlp.", "attn.") if plan.algo == "gptq" else ())
+        gptq_layers = ("mlp.", "attn.") if plan.algo == "gptq" else ()
+        importance, hessians = input_statistics(src.hf_dir, hessian_for=gptq_layers)
     coder = float_coder(plan, importance, hessians)
     method = "float"
     if src.gguf_path is not None:
