@@ -70,7 +70,7 @@ def cmd_export(args) -> int:
     if args.json:
         _print_json(summary)
     else:
-        print(f"bundle: {summary['bundle']}  ({summary['size_mb']} MB, {summary['precision']}, "
+        print(f"bundle: {summary['bundle']}  ({summary['size_mb']} MiB, {summary['precision']}, "
               f"context {summary['context']})")
         ver = summary.get("verification") or {}
         if ver:
@@ -227,7 +227,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))
         return 0
-    print(f"bundle {r.bundle} ({r.size_mb:.0f} MB) on {r.provider}, {r.threads} threads, load {r.load_s:.2f} s, "
+    print(f"bundle {r.bundle} ({r.size_mb:.0f} MiB) on {r.provider}, {r.threads} threads, load {r.load_s:.2f} s, "
           f"peak RSS {r.peak_rss_mb:.0f} MB")
     print(f"{'test':14} {'median':>10} {'min':>10} {'max':>10}")
     for label, d in ((f"pp{r.prompt_tokens} t/s", r.prefill_tps), (f"tg{r.new_tokens} t/s", r.decode_tps),
