@@ -111,8 +111,9 @@ def input_statistics(hf_dir: Path, text: str | None = None, *, max_tokens: int =
     for name, total in sums.items():
         head, _, leaf = name.rpartition(".")
         x = kept.get(f"{head}.{_SAME_INPUT[leaf]}" if leaf in _SAME_INPUT else name)
+        mean_sq = (total / len(ids)).float().numpy()
         for onnx_name in onnx_names(name):
-            out[onnx_name] = (total / len(ids)).float().numpy()  # q/k/v (and gate/up) share one input
+            out[onnx_name] = mean_sq  # a packed weight (qkv_proj, gate_up_proj) reads its parts' shared input
             if x is not None and any(key in onnx_name for key in hessian_for):
                 inputs[onnx_name] = x
     return out, GramMatrices(inputs)
