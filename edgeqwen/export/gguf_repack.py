@@ -172,8 +172,7 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
         if not faithful and (bits == 8 or sensitive) and wide_8bit_block(plan, w_nk, 8, role):
             # an int4 bundle's 8-bit weights: a refit at the plan's wider block beats the exact copy, whose
             # per-16/32 scales the decode step would have to read (the 8-bit refit error is ~1/16 of int4's)
-            bq, how = fallback(name, w_nk, 8, role)
-            return bq, f"{how}:" + "+".join(sorted(set(types)) or ["?"])
+            keep, bits = False, 8
         exact_ok = types and all(t in DECODERS for t in types) and keep
         if exact_ok:
             bq = concat_rows([DECODERS[t](g.rows(n)) for t, n in zip(types, names)])
