@@ -148,6 +148,35 @@ def test_vocab_refine_rescores_the_coarse_logits_best_candidates_with_the_8_bit_
     assert not np.allclose(got, exact, atol=1e-3)
 
 
+@pytest.mark.parametrize("gguf_mode,block", [("fast", 64), ("faithful", 32)])
+def test_vocab_split_is_re_coded_at_the_wider_8_bit_block(gguf_mode: str, block: int) -> None:
+    """An int4 plan with block_size_8bit re-codes the vocabulary matrix at that block before splitting it
+    (the coarse half's scales are what every decode step reads); "faithful" imports keep the plan's block."""
+    hidden_size = 128
+    rng = np.random.default_rng(4)
+    embed = rng.normal(0, 1, (V, hidden_size)).astype(np.float32)
+    nodes = [helper.make_node("Gather", [EMBED, "input_ids"], ["h"], name="/model/embed_tokens/Gather"),
+             helper.make_node("MatMul", ["h", HEAD], ["logits"], name="/lm_head/MatMul")]
+    graph = helper.make_graph(nodes, "vocab", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, None])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, None, V])],
+                              initializer=[numpy_helper.from_array(embed, EMBED),
+                                           numpy_helper.from_array(embed.T.copy(), HEAD)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    plan = QuantPlan(precision="int4", algo="k_quant", block_size=32, accuracy_level=0, lm_head_bits=8,
+                     vocab_refine=8, block_size_8bit=64, gguf_mode=gguf_mode)
+    report = quantize_graph(model, ExternalWeights(model, Path(".")), plan)
+    assert report.tensors[HEAD]["block_size"] == block and report.tensors[HEAD]["bits"] == "4+4"
+    assert (f"block{block}(" in report.tensors[HEAD]["how"]) == (block == 64)
+    for node in model.graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            assert {a.name: a.i for a in node.attribute}["block_size"] == block, node.name
+    w8 = quantize_rtn(embed, 8, block, symmetric=True)
+    coarse, _ = split_8bit(w8)
+    table = w8.dequantize()
+    expected = refined_reference(table[IDS[0]], table, coarse.dequantize(), 8)
+    np.testing.assert_allclose(run(model, IDS)[0], expected, rtol=1e-4, atol=1e-3)
+
+
 def test_split_8bit_is_exact_and_rounds_the_coarse_half_to_nearest() -> None:
     rng = np.random.default_rng(1)
     w = rng.normal(0, 1, (64, 96)).astype(np.float32)

@@ -22,7 +22,8 @@ searched scale and zero point (``blockquant.quantize_fitted``) of the exactly de
 but says what the GGUF says. "fast" fits int4 everywhere except Q4_0 (already 4-bit, copied exactly) and
 the weights kept at 8 bits (the GGUF's own Q6_K/Q8_0 ones, and those the profile lists in ``eight_bit``):
 an int4 profile refits those at 8 bits with its wider ``block_size_8bit`` rather than copying them with the
-GGUF's 16/32-wide blocks, whose scales cost decode time; the vocabulary matrix is always copied exactly.
+GGUF's 16/32-wide blocks, whose scales cost decode time. The vocabulary matrix is copied exactly here; an
+int4 bundle that splits it for the lm_head (``quantize._split_for_refine``) re-codes it at that wider block too.
 """
 
 from __future__ import annotations

@@ -313,11 +313,17 @@ def _refines(plan: QuantPlan, bq: BlockQuantized) -> bool:
     return plan.vocab_refine > 0 and plan.body_bits == 4 and bq.bits == 8
 
 
-def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str) -> tuple:
+def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str, block: int | None = None) -> tuple:
     """(coarse, residual, how) for ``_refined_vocab``. The split is exact for a symmetric 8-bit grid (GGUF
     Q8_0 copies, RTN): its zero point 128 leaves room for the offset that makes the coarse half round to
-    nearest. An asymmetric fit fills all 256 codes, so that weight is re-coded with symmetric RTN first."""
-    if not bq.default_zero_point():
+    nearest. An asymmetric fit fills all 256 codes, so that weight is re-coded with symmetric RTN first.
+
+    ``block`` (the plan's ``block_size_8bit``) re-codes the matrix at that wider block first: the coarse
+    half is what every decode step reads, and at block 32 its fp32 scales are a fifth of its bytes
+    (measured, 151,936 x 896 MatMulNBits at M = 1: 2.5 ms at block 32, 1.9 ms at 64 or 128)."""
+    if block and block != bq.block_size and w_nk.shape[1] % block == 0:
+        bq, how = quantize_rtn(w_nk, 8, block, symmetric=True), f"rtn-symmetric/block{block}(for the split; not {how})"
+    elif not bq.default_zero_point():
         bq, how = quantize_rtn(w_nk, 8, bq.block_size, symmetric=True), f"rtn-symmetric(for the split; not {how})"
     coarse, residual = split_8bit(bq)
     return coarse, residual, how
@@ -330,7 +336,9 @@ def _lm_head(gather: onnx.NodeProto | None, head: onnx.NodeProto, bq: BlockQuant
     Returns (embedding nodes or [], lm_head nodes, initializers)."""
     name = head.input[1]
     if _refines(plan, bq):
-        coarse, residual, how = _split_for_refine(bq, w_nk, how)
+        # "faithful" GGUF imports keep the source's own 8-bit codes, blocks and all
+        block = plan.block_size_8bit if plan.gguf_mode != "faithful" else None
+        coarse, residual, how = _split_for_refine(bq, w_nk, how, block)
         report.add_split(name, how, coarse, residual, plan.vocab_refine, float_bytes)
         return _refined_vocab(gather, head, coarse, residual, name, plan.accuracy_level, plan.vocab_refine, dtype)
     report.add(name, how, bq, float_bytes)
