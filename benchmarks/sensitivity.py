@@ -52,6 +52,9 @@ def bundle_weights(bundle: Path) -> dict[str, tuple[np.ndarray, int]]:
         bq = BlockQuantized.from_packed(weights.array(node.input[1]), weights.array(node.input[2]), zp,
                                         n=attrs["N"], k=attrs["K"], bits=attrs["bits"],
                                         block_size=attrs["block_size"])
+        offsets = node.input[1].removesuffix(".qweight") + ".offsets"  # GGUF Q4_K's minimum, [K/block, N]
+        if offsets in weights:
+            bq.offsets = np.ascontiguousarray(weights.array(offsets).T).astype(np.float32)
         out[node.input[1].removesuffix(".qweight")] = (bq.dequantize(), attrs["bits"])
     return out
 

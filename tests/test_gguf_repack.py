@@ -49,14 +49,26 @@ def test_decoders_match_the_gguf_reference_bit_for_bit(type_name: str) -> None:
     expected = reference(raw, type_name)
     assert expected.shape == (6, 512) and np.all(np.isfinite(expected))
     assert bq.k == 512 and bq.q.shape == (6, 512)
-    assert np.array_equal(bq.dequantize(), expected)
+    if type_name == "Q4_K":  # its block offset is one fp32 subtraction away from the reference's terms
+        np.testing.assert_allclose(bq.dequantize(), expected, rtol=0, atol=2**-22 * np.abs(expected).max())
+    else:
+        assert np.array_equal(bq.dequantize(), expected)
 
 
 def test_decoded_codes_fit_their_declared_width() -> None:
-    for type_name, (bits, block) in {"Q4_0": (4, 32), "Q5_0": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16)}.items():
+    widths = {"Q4_0": (4, 32), "Q5_0": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16), "Q4_K": (4, 32)}
+    for type_name, (bits, block) in widths.items():
         bq = DECODERS[type_name](random_blocks(type_name, 3, 256, seed=1))
         assert (bq.bits, bq.block_size) == (bits, block), type_name
         assert int(bq.q.max()) < 2**bits
+        # only Q4_K needs block offsets (its float minimum), and then its zero points are all 0
+        assert (bq.offsets is not None) == (type_name == "Q4_K"), type_name
+        if type_name == "Q4_K":
+            # the zero point is the code nearest the block's zero; the offset what is left, <= half a step
+            assert bq.offsets.shape == bq.scales.shape == (3, 8) and len(np.unique(bq.zero_points)) > 1
+            inside = (bq.zero_points > 0) & (bq.zero_points < 15)  # not clipped to the code range
+            assert inside.any()
+            assert np.all(np.abs(bq.offsets[inside]) <= np.abs(bq.scales[inside]) / 2 * (1 + 1e-6))
         # Q5_0 and Q6_K use only the low 5/6 bits of their 8-bit codes
         if type_name == "Q5_0":
             assert int(bq.q.max()) < 32 and set(np.unique(bq.zero_points)) == {16}
@@ -176,6 +188,31 @@ def test_faithful_copies_exact_types_bit_for_bit(gguf_file) -> None:
     bq, how = code(O_PROJ, floats["blk.0.attn_output.weight"], 4, "body")
     assert how == "gguf-exact:Q4_0" and bq.bits == 4 and bq.block_size == 32
     assert np.array_equal(bq.dequantize(), floats["blk.0.attn_output.weight"])
+    bq, how = code(UP, floats["blk.0.ffn_up.weight"], 4, "body")
+    assert how == "gguf-exact:Q4_K" and bq.bits == 4 and bq.block_size == 32 and bq.offsets is not None
+    np.testing.assert_allclose(bq.dequantize(), floats["blk.0.ffn_up.weight"], rtol=0, atol=1e-7)
+
+
+def test_q4_k_is_copied_exactly_with_block_offsets_in_the_body_only(gguf_file) -> None:
+    """Q4_K is copied (codes, scales and its minimum as block offsets) where 8 bits were asked, since 8 would
+    double the bytes of what stays a 4-bit value, and in faithful mode; fast mode fits it where 4 bits were
+    asked (the offsets cost decode time). Gathers take no offsets: as an embedding or lm_head it is fitted."""
+    path, floats = gguf_file
+    w = floats["blk.0.ffn_up.weight"]
+    calls: list = []
+    for plan, bits in ((QuantPlan(precision="int4", gguf_mode="fast", block_size_8bit=128), 8),
+                       (QuantPlan(precision="int8", gguf_mode="fast"), 8),
+                       (QuantPlan(precision="int4", gguf_mode="faithful"), 4)):
+        bq, how = gguf_coder(path, plan, fallback=recording_fallback(calls))(UP, w, bits, "body")
+        assert how == "gguf-exact:Q4_K" and (bq.bits, bq.block_size) == (4, 32), (plan.precision, bits)
+        np.testing.assert_allclose(bq.dequantize(), w, rtol=0, atol=1e-7)
+        assert calls == []
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="fast"), fallback=recording_fallback(calls))
+    bq, how = code(UP, w, 4, "body")
+    assert how == "stub:Q4_K" and calls == [(UP, 4, "body")]
+    for role in ("embed", "lm_head"):
+        bq, how = code(UP, w, 8, role)
+        assert how == "stub:Q4_K" and calls[-1] == (UP, 8, role)
 
 
 def test_fp16_graph_weights_still_get_the_exact_codes(gguf_file) -> None:
@@ -191,7 +228,7 @@ def test_fp16_graph_weights_still_get_the_exact_codes(gguf_file) -> None:
 def test_faithful_fits_inexact_types_at_8_bits_with_bounded_error(gguf_file) -> None:
     path, floats = gguf_file
     code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="faithful", block_size=32), fallback=never)
-    for name, gguf_name, type_name in ((UP, "blk.0.ffn_up.weight", "Q4_K"), (DOWN, "blk.0.ffn_down.weight", "F32")):
+    for name, gguf_name, type_name in ((DOWN, "blk.0.ffn_down.weight", "F32"),):
         w = floats[gguf_name]
         bq, how = code(name, w, 4, "body")
         assert how == f"gguf-fit8:{type_name}"
@@ -211,10 +248,12 @@ def test_fast_mode_copies_q4_0_and_sensitive_types_and_refits_the_rest(gguf_file
     code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="fast"), fallback=recording_fallback(calls))
     bq, how = code(O_PROJ, floats["blk.0.attn_output.weight"], 4, "body")
     assert how == "gguf-exact:Q4_0" and bq.bits == 4
-    # Q4_K has no exact form: fast mode hands it to the plan's coder at the plan's bits
+    # Q4_K asked at 4 bits and F32: fast mode hands them to the plan's coder at the plan's bits
     bq, how = code(UP, floats["blk.0.ffn_up.weight"], 4, "body")
     assert how == "stub:Q4_K" and calls == [(UP, 4, "body")]
-    # a mixed pack with a 5-bit part is neither all-Q4_0 nor all-sensitive: refit at 4 bits
+    bq, how = code(DOWN, floats["blk.0.ffn_down.weight"], 4, "body")
+    assert how == "stub:F32" and calls[-1] == (DOWN, 4, "body")
+    # a mixed pack with a 5-bit part is neither all-4-bit nor all-sensitive: refit at 4 bits
     w_qkv = np.concatenate([floats[f"blk.0.attn_{p}.weight"] for p in "qkv"])
     bq, how = code(QKV, w_qkv, 4, "body")
     assert how == "stub:Q5_0+Q6_K+Q8_0" and calls[-1] == (QKV, 4, "body")

@@ -15,8 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeqwen.bundle import read_manifest
 from edgeqwen.errors import ExportError
-from edgeqwen.export.blockquant import quantize, quantize_rtn, split_8bit
-from edgeqwen.export.quantize import ExternalWeights, QuantPlan, quantize_graph, save_with_external_data
+from edgeqwen.export.blockquant import BlockQuantized, quantize, quantize_rtn, split_8bit
+from edgeqwen.export.quantize import ExternalWeights, QuantPlan, float_coder, quantize_graph, save_with_external_data
 
 LAYERS = 2
 V, H, F = 64, 32, 64  # vocab, hidden, ffn of the hand-made graph
@@ -174,6 +174,34 @@ def test_vocab_split_is_re_coded_at_the_wider_8_bit_block(gguf_mode: str, block:
     coarse, _ = split_8bit(w8)
     table = w8.dequantize()
     expected = refined_reference(table[IDS[0]], table, coarse.dequantize(), 8)
+    np.testing.assert_allclose(run(model, IDS)[0], expected, rtol=1e-4, atol=1e-3)
+
+
+def test_block_offsets_are_added_by_the_graph() -> None:
+    """A weight with block offsets (GGUF Q4_K's minimum) becomes MatMulNBits + (block sums of x) @ offsets:
+    onnxruntime's output is x @ the dequantized weight, offsets included."""
+    embed, head, down, odd = toy_weights(tied=False)
+    model = toy_graph(embed, head, down, odd)
+    rng = np.random.default_rng(5)
+    with_offsets = BlockQuantized(q=rng.integers(0, 16, (F, H), dtype=np.uint8),
+                                  scales=rng.uniform(0.01, 0.05, (F, H // 32)).astype(np.float32),
+                                  zero_points=np.zeros((F, H // 32), np.uint8), bits=4, block_size=32, k=H,
+                                  offsets=-rng.uniform(0, 0.3, (F, H // 32)).astype(np.float32))
+    plain = float_coder(QuantPlan(precision="int4", algo="k_quant", block_size=32))
+
+    def coder(name, w_nk, bits, role):
+        return (with_offsets, "offsets") if name == DOWN else plain(name, w_nk, bits, role)
+
+    plan = QuantPlan(precision="int4", algo="k_quant", block_size=32, accuracy_level=0, lm_head_bits=4,
+                     embed_bits=4, share_embeddings=False)
+    report = quantize_graph(model, ExternalWeights(model, Path(".")), plan, coder=coder)
+    assert report.tensors[DOWN]["block_offsets"] is True
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["ReduceSum"] == 1 and ops["MatMulNBits"] == 2
+    table = quantize(embed, 4, 32, "k_quant").dequantize()
+    hidden = (table[IDS[0]] @ with_offsets.dequantize().T)[:, :40] @ odd
+    expected = hidden @ quantize(head.T, 4, 32, "k_quant").dequantize().T
+    assert not np.allclose(with_offsets.dequantize(), BlockQuantized(**{**vars(with_offsets), "offsets": None}).dequantize())
     np.testing.assert_allclose(run(model, IDS)[0], expected, rtol=1e-4, atol=1e-3)
 
 

@@ -28,6 +28,9 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int  # original K (before padding to a whole block)
+    # float32 [N, K_blocks] added to every value of a block: a GGUF k-quant's "- dmin * m" term, which no integer
+    # zero point expresses; the graph adds it as (per-block sums of x) @ offsets (``quantize._offset_correction``)
+    offsets: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -41,6 +44,8 @@ class BlockQuantized:
         """float32 [N, K]: what the kernels compute from the packed form (for tests and verification)."""
         blocks = self.q.reshape(self.n, self.k_blocks, self.block_size).astype(np.float32)
         w = (blocks - self.zero_points[..., None].astype(np.float32)) * self.scales[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets[..., None]
         return w.reshape(self.n, -1)[:, : self.k]
 
     def packed_codes(self) -> np.ndarray:
@@ -64,7 +69,8 @@ class BlockQuantized:
         return bool(np.all(self.zero_points == (1 << (self.bits - 1))))
 
     def nbytes(self) -> int:
-        return self.packed_codes().size + self.scales.size * 4 + self.packed_zero_points().size
+        extra = 0 if self.offsets is None else self.offsets.size * 4
+        return self.packed_codes().size + self.scales.size * 4 + self.packed_zero_points().size + extra
 
     @classmethod
     def from_packed(cls, codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, *, n: int, k: int,
@@ -101,8 +107,9 @@ def split_8bit(bq: BlockQuantized) -> tuple[BlockQuantized, BlockQuantized]:
     chosen per block so that z_lo is 8 where the block's codes allow it: the coarse part is then a
     round-to-nearest grid (its error d*(lo - 8) lies in [-8d, 7d]) instead of a truncating one.
     """
-    if bq.bits != 8:
-        raise ValueError(f"split_8bit needs an 8-bit matrix, got {bq.bits} bits")
+    if bq.bits != 8 or bq.offsets is not None:
+        raise ValueError(f"split_8bit needs a plain 8-bit matrix, got {bq.bits} bits"
+                         + (" with block offsets" if bq.offsets is not None else ""))
     c = bq.q.reshape(bq.n, bq.k_blocks, bq.block_size).astype(np.int32)
     z = bq.zero_points.astype(np.int32)
     low = np.maximum(-c.min(axis=-1), -z)  # c + o >= 0 and z + o >= 0

@@ -70,6 +70,8 @@ class QuantReport:
 
     def add(self, name: str, how: str, bq: BlockQuantized, float_bytes: int) -> None:
         self.tensors[name] = {"how": how, "bits": bq.bits, "block_size": bq.block_size, "shape": [bq.n, bq.k]}
+        if bq.offsets is not None:
+            self.tensors[name]["block_offsets"] = True
         self.float_bytes += float_bytes
         self.quant_bytes += bq.nbytes()
 
@@ -185,6 +187,30 @@ def _matmul_nbits(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy
         K=bq.k, N=bq.n, bits=bq.bits, block_size=bq.block_size, accuracy_level=accuracy_level,
     )
     return new, inits
+
+
+def _offset_correction(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy_level: int,
+                       dtype: type = np.float32) -> tuple[list, list]:
+    """MatMulNBits for a weight with block offsets (GGUF Q4_K's minimum): x @ W = MatMulNBits(x) + s @ O, where
+    s holds the sums of x over each K block ([..., K/block]) and O the offsets ([K/block, N]). The extra
+    matmul reads 4 bytes per block, as much as the scales: Q4_K stays exact at ~6 bits a weight.
+    The hidden states are [batch, seq, K] in the graphs we rewrite (Reshape copies the first two dims)."""
+    if bq.k != bq.k_blocks * bq.block_size:
+        raise ExportError(f"{wname}: block offsets need K ({bq.k}) to be a whole number of blocks.",
+                          "this is a bug in the GGUF import; please report it with the model name.")
+    head, inits = _matmul_nbits(node, bq, wname, accuracy_level, dtype)
+    base, x, out, t = wname.replace(".weight", ""), node.input[0], node.output[0], node.name + "Offsets"
+    head.output[0] = out + "/codes"
+    shape, axes, offsets = f"{base}.block_view", f"{base}.block_axis", f"{base}.offsets"
+    inits += [numpy_helper.from_array(np.array([0, 0, bq.k_blocks, bq.block_size], np.int64), shape),
+              numpy_helper.from_array(np.array([-1], np.int64), axes),
+              numpy_helper.from_array(np.ascontiguousarray(bq.offsets.T).astype(dtype), offsets)]
+    nodes = [helper.make_node("Reshape", [x, shape], [t + "/blocks"], name=t + "/Reshape"),
+             helper.make_node("ReduceSum", [t + "/blocks", axes], [t + "/sums"], name=t + "/ReduceSum", keepdims=0),
+             head,
+             helper.make_node("MatMul", [t + "/sums", offsets], [t + "/shift"], name=t + "/MatMul"),
+             helper.make_node("Add", [out + "/codes", t + "/shift"], [out], name=t + "/Add")]
+    return nodes, inits
 
 
 def _gather_block_quantized(node: onnx.NodeProto, bq: BlockQuantized, wname: str, dtype: type = np.float32) -> tuple:
@@ -423,6 +449,13 @@ def quantize_graph(
                 _, new, inits = _lm_head(None, node, bq, w_nk, how, plan, dtype, report, w.nbytes)
                 replaced.add(wname)
                 new_nodes.extend(new)
+                new_inits.extend(inits)
+                continue
+            if bq.offsets is not None:
+                nodes, inits = _offset_correction(node, bq, wname, plan.accuracy_level, dtype)
+                report.add(wname, how, bq, w.nbytes)
+                replaced.add(wname)
+                new_nodes.extend(nodes)
                 new_inits.extend(inits)
                 continue
             new, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level, dtype)
