@@ -14,6 +14,7 @@ from edgeqwen.export.blockquant import BlockQuantized
 from edgeqwen.export.gguf_repack import (
     DECODERS,
     EXACT_TYPES,
+    WITH_MINIMUM,
     concat_rows,
     gguf_coder,
     gguf_names,
@@ -22,7 +23,8 @@ from edgeqwen.export.gguf_repack import (
 from edgeqwen.export.quantize import QuantPlan, float_coder
 
 # byte offset of the float16 super-block scale(s) of each type, so random blocks get sane, finite scales
-SCALE_OFFSETS = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2)}
+SCALE_OFFSETS = {"Q4_0": (0,), "Q5_0": (0,), "Q8_0": (0,), "Q6_K": (208,), "Q4_K": (0, 2), "Q5_K": (0, 2),
+                 "Q4_1": (0, 2), "Q5_1": (0, 2)}
 
 
 def random_blocks(type_name: str, rows: int, k: int, seed: int) -> np.ndarray:
@@ -49,26 +51,29 @@ def test_decoders_match_the_gguf_reference_bit_for_bit(type_name: str) -> None:
     expected = reference(raw, type_name)
     assert expected.shape == (6, 512) and np.all(np.isfinite(expected))
     assert bq.k == 512 and bq.q.shape == (6, 512)
-    if type_name == "Q4_K":  # its block offset is one fp32 subtraction away from the reference's terms
+    if type_name in WITH_MINIMUM:  # their block offset is one fp32 rounding away from the reference's terms
         np.testing.assert_allclose(bq.dequantize(), expected, rtol=0, atol=2**-22 * np.abs(expected).max())
     else:
         assert np.array_equal(bq.dequantize(), expected)
 
 
 def test_decoded_codes_fit_their_declared_width() -> None:
-    widths = {"Q4_0": (4, 32), "Q5_0": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16), "Q4_K": (4, 32)}
+    widths = {"Q4_0": (4, 32), "Q5_0": (8, 32), "Q8_0": (8, 32), "Q6_K": (8, 16), "Q4_K": (4, 32),
+              "Q4_1": (4, 32), "Q5_1": (8, 32), "Q5_K": (8, 32)}
+    assert set(widths) == set(EXACT_TYPES)
     for type_name, (bits, block) in widths.items():
         bq = DECODERS[type_name](random_blocks(type_name, 3, 256, seed=1))
         assert (bq.bits, bq.block_size) == (bits, block), type_name
         assert int(bq.q.max()) < 2**bits
-        # only Q4_K needs block offsets (its float minimum), and then its zero points are all 0
-        assert (bq.offsets is not None) == (type_name == "Q4_K"), type_name
-        if type_name == "Q4_K":
+        # only the types with a float minimum need block offsets
+        assert (bq.offsets is not None) == (type_name in WITH_MINIMUM), type_name
+        if type_name in WITH_MINIMUM:
             # the zero point is the code nearest the block's zero; the offset what is left, <= half a step
-            assert bq.offsets.shape == bq.scales.shape == (3, 8) and len(np.unique(bq.zero_points)) > 1
-            inside = (bq.zero_points > 0) & (bq.zero_points < 15)  # not clipped to the code range
-            assert inside.any()
-            assert np.all(np.abs(bq.offsets[inside]) <= np.abs(bq.scales[inside]) / 2 * (1 + 1e-6))
+            top = 15 if bits == 4 else 31
+            assert int(bq.q.max()) <= top and bq.offsets.shape == bq.scales.shape == (3, 8)
+            inside = (bq.zero_points > 0) & (bq.zero_points < top)  # not clipped to the code range
+            assert inside.any(), type_name
+            assert np.all(np.abs(bq.offsets[inside]) <= np.abs(bq.scales[inside]) / 2 * (1 + 1e-6)), type_name
         # Q5_0 and Q6_K use only the low 5/6 bits of their 8-bit codes
         if type_name == "Q5_0":
             assert int(bq.q.max()) < 32 and set(np.unique(bq.zero_points)) == {16}
@@ -92,6 +97,17 @@ def test_concat_rows_stacks_parts_at_the_smallest_block() -> None:
     assert both.bits == 8 and both.block_size == 16 and both.n == 10 and both.k == 256
     expected = np.concatenate([q8.dequantize(), q6.dequantize(), q5.dequantize()])
     assert np.array_equal(both.dequantize(), expected)
+
+
+def test_concat_rows_keeps_q4_k_offsets_beside_parts_without_them() -> None:
+    """A faithful pack of Q4_K and Q6_K parts (the 1.5B's q/k/v): 8-bit, block 16, Q4_K's offsets repeated
+    over its half-blocks, zero offsets for the Q6_K rows; the values are both parts' own."""
+    q4k = DECODERS["Q4_K"](random_blocks("Q4_K", 3, 256, seed=8))
+    q6 = DECODERS["Q6_K"](random_blocks("Q6_K", 2, 256, seed=9))
+    both = concat_rows([q4k, q6])
+    assert both.bits == 8 and both.block_size == 16 and both.offsets.shape == (5, 16)
+    assert np.all(both.offsets[3:] == 0) and np.array_equal(both.offsets[:3, 0::2], q4k.offsets)
+    np.testing.assert_allclose(both.dequantize(), np.concatenate([q4k.dequantize(), q6.dequantize()]), rtol=0, atol=0)
 
 
 def test_concat_rows_widens_4bit_parts_exactly() -> None:
@@ -213,6 +229,29 @@ def test_q4_k_is_copied_exactly_with_block_offsets_in_the_body_only(gguf_file) -
     for role in ("embed", "lm_head"):
         bq, how = code(UP, w, 8, role)
         assert how == "stub:Q4_K" and calls[-1] == (UP, 8, role)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1", "Q5_K"])
+def test_types_with_a_minimum_are_copied_where_the_plan_keeps_their_precision(tmp_path, type_name: str) -> None:
+    """Q4_1/Q5_1/Q5_K in the body: exact (with offsets) in faithful and int8 plans; an int4 plan's 8-bit
+    request copies the 4-bit type and refits the 5-bit ones at its wider block; 4 bits asked: fitted."""
+    raw = random_blocks(type_name, 8, HIDDEN, seed=20)
+    path = write_gguf(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": (type_name, raw)})
+    w = reference(raw, type_name)
+    four_bit = type_name == "Q4_1"
+    cases = [(QuantPlan(precision="int4", gguf_mode="faithful"), 4, True),
+             (QuantPlan(precision="int8", gguf_mode="fast"), 8, True),
+             (QuantPlan(precision="int4", gguf_mode="fast", block_size_8bit=128), 8, four_bit),
+             (QuantPlan(precision="int4", gguf_mode="fast"), 4, False)]
+    for plan, bits, exact in cases:
+        calls: list = []
+        bq, how = gguf_coder(path, plan, fallback=recording_fallback(calls))(UP, w, bits, "body")
+        if exact:
+            assert how == f"gguf-exact:{type_name}" and bq.offsets is not None and calls == [], plan
+            assert bq.bits == (4 if four_bit else 8)
+            np.testing.assert_allclose(bq.dequantize(), w, rtol=0, atol=2**-22 * np.abs(w).max())
+        else:
+            assert how == f"stub:{type_name}" and calls == [(UP, bits, "body")], plan
 
 
 def test_fp16_graph_weights_still_get_the_exact_codes(gguf_file) -> None:

@@ -11,18 +11,20 @@ Q4_0          d * (q4 - 8), block 32                      4-bit, zp 8, scale d, 
 Q5_0          d * (q5 - 16), block 32                     8-bit, zp 16, scale d, block 32
 Q8_0          d * q8, block 32                            8-bit, zp 128, scale d, block 32
 Q6_K          d * sc_j * (q6 - 32), sub-blocks of 16       8-bit, zp 32, scale d*sc_j, block 16
-Q4_K          d * sc_j * q4 - dmin * m_j, sub-blocks of 32  4-bit, zp z_j = round(dmin*m_j / (d*sc_j)),
-                                                          scale d*sc_j, block 32, offset d*sc_j*z_j -
-                                                          dmin*m_j per block (body only; 1 fp32 rounding)
+Q4_1          d * q4 + m, block 32                        4-bit, zp z ~ -m/d, scale d, offset m + d*z  (*)
+Q5_1          d * q5 + m, block 32                        8-bit, zp z ~ -m/d, scale d, offset m + d*z  (*)
+Q4_K          d * sc_j * q4 - dmin * m_j, sub-blocks of 32  4-bit, zp z_j ~ dmin*m_j / (d*sc_j), scale d*sc_j,
+                                                          block 32, offset d*sc_j*z_j - dmin*m_j       (*)
+Q5_K          as Q4_K with 5-bit codes                     8-bit, otherwise as Q4_K                     (*)
 ============  ==========================================  =======================================
 
-Q4_K's minimum is a float, which no integer zero point expresses; it travels as a per-block *offset* that the
-graph adds as (per-block sums of the input) @ offsets, a [K/32, N] float matmul (``quantize._offset_correction``):
-~6 bits a weight instead of 8, and exact. GatherBlockQuantized has no such term, so an embedding or shared
-vocabulary matrix stored as Q4_K is fitted like the types below.
+(*) These types carry a float minimum, which no integer zero point expresses. The zero point is the code
+nearest the block's zero and the rest travels as a per-block *offset* (at most half a step) that the graph
+adds as (per-block sums of the input) @ offsets, a [K/32, N] float matmul (``quantize._offset_correction``):
+exact up to one fp32 rounding, at ~1 bit a weight more than the codes. Only the body's MatMulNBits take it;
+GatherBlockQuantized has no such term, so an embedding or shared vocabulary matrix of these types is fitted.
 
-Every other type (Q4_1, Q5_1, Q5_K, Q2_K, Q3_K, F16, F32, ...) has a float minimum or a two-level scale that
-an integer zero point cannot express; those are *fitted*: asymmetric block quantization with a searched
+Every other type (Q2_K, Q3_K, the IQ types, and plain F16/F32 weights) has no such form; those are *fitted*: asymmetric block quantization with a searched
 scale and zero point (``blockquant.quantize_fitted``) of the exactly dequantized values, at 8 bits in
 "faithful" mode (error ~1/256 of a block's range) and at the plan's bits in "fast" mode.
 
@@ -30,8 +32,8 @@ scale and zero point (``blockquant.quantize_fitted``) of the exactly dequantized
 but says what the GGUF says. "fast" fits int4 everywhere except Q4_0 (already 4-bit, copied exactly) and
 the weights kept at 8 bits (the GGUF's own Q6_K/Q8_0 ones, and those the profile lists in ``eight_bit``):
 an int4 profile refits those at 8 bits with its wider ``block_size_8bit`` rather than copying them with the
-GGUF's 16/32-wide blocks, whose scales cost decode time; a Q4_K weight among them is copied exactly at 4 bits
-with its offsets (8 bits would double its bytes to hold 4-bit values). The vocabulary matrix is copied exactly here; an
+GGUF's 16/32-wide blocks, whose scales cost decode time; a Q4_1/Q4_K weight among them is copied exactly at 4
+bits with its offsets (8 bits would double its bytes to hold 4-bit values). The vocabulary matrix is copied exactly here; an
 int4 bundle that splits it for the lm_head (``quantize._split_for_refine``) re-codes it at that wider block too.
 """
 
@@ -46,7 +48,9 @@ import numpy as np
 from .blockquant import BlockQuantized, quantize_fitted
 from .quantize import QuantPlan, WeightCoder, wide_8bit_block
 
-EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q4_K")
+EXACT_TYPES = ("Q4_0", "Q5_0", "Q8_0", "Q6_K", "Q4_1", "Q5_1", "Q4_K", "Q5_K")
+WITH_MINIMUM = ("Q4_1", "Q5_1", "Q4_K", "Q5_K")  # exact only with block offsets: MatMulNBits in the body
+FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
 SENSITIVE = ("Q6_K", "Q8_0")
 
 
@@ -103,34 +107,81 @@ def decode_q6_k(rows: np.ndarray) -> BlockQuantized:
     return BlockQuantized(q.reshape(n, -1), scales, np.full(scales.shape, 32, np.uint8), 8, 16, nb * 256)
 
 
+def _with_minimum(q: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int, k: int) -> BlockQuantized:
+    """Blocks of 32 whose value is ``scale * q + mins`` (a float minimum, which no integer zero point holds):
+    zp is the code nearest the block's zero and the offset what is left, at most half a step. The kernel then
+    multiplies centred codes, as for any asymmetric weight (with zp 0 its int8-rounded activations met codes
+    of twice the magnitude: the 1.5B's English ratio went 1.019 -> 1.026)."""
+    top = (1 << (5 if bits == 8 else 4)) - 1  # 5-bit codes ride in 8-bit storage
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zp = np.where(scales != 0, np.clip(np.rint(-mins / scales), 0, top), 0).astype(np.uint8)
+    offsets = (mins + scales * zp).astype(np.float32)
+    return BlockQuantized(q, scales.astype(np.float32), zp, bits, 32, k, offsets=offsets)
+
+
+def _k_scales_mins(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The eight 6-bit (scale, min) pairs of a Q4_K/Q5_K super-block's 12 bytes: sub-blocks 0-3 in the low 6
+    bits of bytes 0-3 / 4-7; sub-blocks 4-7 in bytes 8-11 (low 4 bits) plus the spare top bits of 0-3 / 4-7."""
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
 def decode_q4_k(rows: np.ndarray) -> BlockQuantized:
-    """Q4_K super-blocks (256 values: fp16 d and dmin, eight 6-bit scale/min pairs, 4-bit codes) as 4-bit
-    blocks of 32 with zero point 0, scale d*sc and offset -dmin*m: exact, at ~6 bits a weight."""
+    """Q4_K super-blocks (256 values: fp16 d and dmin, eight 6-bit scale/min pairs, 4-bit codes):
+    value d*sc*q - dmin*m per sub-block of 32."""
     n = rows.shape[0]
     b = rows.reshape(n, -1, 144)
     nb = b.shape[1]
     d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])  # [n, nb, 1]
-    s = b[..., 4:16]
-    # sub-blocks 0-3 keep scale and min in the low 6 bits of bytes 0-3 / 4-7; sub-blocks 4-7 put their low
-    # 4 bits in bytes 8-11 and their top 2 bits in the spare top bits of bytes 0-3 / 4-7
-    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
-    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    sc, mn = _k_scales_mins(b[..., 4:16])
     qs = b[..., 16:144].reshape(n, nb, 4, 1, 32)  # 4 x 32 bytes: sub-block 2i in low nibbles, 2i+1 in high
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb * 256)
-    scales = (d * sc.astype(np.float32)).reshape(n, nb * 8)  # fp16 x 6-bit integer: exact in fp32
-    mins = (dmin * mn.astype(np.float32)).reshape(n, nb * 8)
-    # value = s*q - min = s*(q - zp) + (s*zp - min). zp is the code nearest the block's real zero, so the
-    # kernel multiplies centred codes, as for any asymmetric 4-bit weight (with zp 0 its int8-rounded
-    # activations met codes of twice the magnitude: the 1.5B's English ratio went 1.019 -> 1.026), and the
-    # offset is what is left: at most half a step
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zp = np.where(scales != 0, np.clip(np.rint(mins / scales), 0, 15), 0).astype(np.uint8)
-    offsets = scales * zp - mins
-    return BlockQuantized(q, scales, zp, 4, 32, nb * 256, offsets=offsets)
+    # fp16 x 6-bit integer: exact in fp32
+    return _with_minimum(q, (d * sc).reshape(n, -1), -(dmin * mn).reshape(n, -1), 4, nb * 256)
+
+
+def decode_q5_k(rows: np.ndarray) -> BlockQuantized:
+    """Q5_K: Q4_K's layout plus 32 bytes of high bits (bit i of byte l: value l of sub-block i); 5-bit
+    codes in 8-bit storage."""
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 176)
+    nb = b.shape[1]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _k_scales_mins(b[..., 4:16])
+    qh = b[..., 16:48][:, :, None, :]  # [n, nb, 1, 32]
+    qs = b[..., 48:176].reshape(n, nb, 4, 1, 32)
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(n, nb, 8, 32)
+    high = (qh >> np.arange(8, dtype=np.uint8)[None, None, :, None]) & 1
+    q = (low | (high << 4)).reshape(n, nb * 256)
+    return _with_minimum(q, (d * sc).reshape(n, -1), -(dmin * mn).reshape(n, -1), 8, nb * 256)
+
+
+def decode_q4_1(rows: np.ndarray) -> BlockQuantized:
+    """Q4_1: blocks of 32, fp16 scale d and minimum m, value d*q + m."""
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 20)
+    d, m = _f16(b[..., 0:2]).reshape(n, -1), _f16(b[..., 2:4]).reshape(n, -1)
+    qs = b[..., 4:20]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j in low nibble, j+16 in high nibble
+    return _with_minimum(q.reshape(n, -1), d, m, 4, q.shape[1] * 32)
+
+
+def decode_q5_1(rows: np.ndarray) -> BlockQuantized:
+    """Q5_1: Q4_1 plus a 32-bit mask of high bits; 5-bit codes in 8-bit storage."""
+    n = rows.shape[0]
+    b = rows.reshape(n, -1, 24)
+    d, m = _f16(b[..., 0:2]).reshape(n, -1), _f16(b[..., 2:4]).reshape(n, -1)
+    qh = np.ascontiguousarray(b[..., 4:8]).view(np.uint32)
+    qs = b[..., 8:24]
+    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+    q = low | (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4)
+    return _with_minimum(q.reshape(n, -1), d, m, 8, q.shape[1] * 32)
 
 
 DECODERS: dict[str, Callable[[np.ndarray], BlockQuantized]] = {
-    "Q4_0": decode_q4_0, "Q5_0": decode_q5_0, "Q8_0": decode_q8_0, "Q6_K": decode_q6_k, "Q4_K": decode_q4_k,
+    "Q4_0": decode_q4_0, "Q5_0": decode_q5_0, "Q8_0": decode_q8_0, "Q6_K": decode_q6_k,
+    "Q4_1": decode_q4_1, "Q5_1": decode_q5_1, "Q4_K": decode_q4_k, "Q5_K": decode_q5_k,
 }
 
 
@@ -213,8 +264,8 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
         # plan asked for 8 bits (measured on the 0.5B's Q4_K down_proj: exact copies gave +1.5 to +3 points of
         # top-1 agreement for a 3% longer decode step)
         offsets_ok = role == "body"
-        q4k_ok = offsets_ok and (faithful or bits == 8)
-        four = bool(types) and all(t == "Q4_0" or (t == "Q4_K" and q4k_ok) for t in types)
+        minimum_ok = offsets_ok and (faithful or bits == 8)
+        four = bool(types) and all(t == "Q4_0" or (t in FOUR_BIT and minimum_ok) for t in types)
         keep = faithful or four or bits == 8 or sensitive
         if not faithful and not four and (bits == 8 or sensitive) and wide_8bit_block(plan, w_nk, 8, role):
             # an int4 bundle's 8-bit weights: a refit at the plan's wider block beats the exact copy, whose
@@ -222,7 +273,7 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
             # a 4-bit GGUF type stays an exact 4-bit copy even where 8 bits were asked: 8 would double the bytes
             keep, bits = False, 8
         exact_ok = (types and all(t in DECODERS for t in types) and keep
-                    and (offsets_ok or "Q4_K" not in types))
+                    and (offsets_ok or not any(t in WITH_MINIMUM for t in types)))
         if exact_ok:
             bq = concat_rows([DECODERS[t](g.rows(n)) for t, n in zip(types, names)])
             # guard against a name/layout mismatch: the exact codes must reproduce the float weights, up to
