@@ -28,8 +28,9 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int  # original K (before padding to a whole block)
-    # float32 [N, K_blocks] added to every value of a block: a GGUF k-quant's "- dmin * m" term, which no integer
-    # zero point expresses; the graph adds it as (per-block sums of x) @ offsets (``quantize._offset_correction``)
+    # float32 [N, K_blocks] added to every value of a block: what is left of a GGUF type's float minimum (Q4_1,
+    # Q5_1, Q4_K, Q5_K) after the integer zero point; the graph adds it as (per-block sums of x) @ offsets
+    # (``quantize._offset_correction``)
     offsets: np.ndarray | None = None
 
     @property

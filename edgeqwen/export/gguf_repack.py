@@ -259,10 +259,10 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
         # mixes (Q4_K_M, ...) put those types on the tensors its measurements found sensitive
         # ...except an lm_head the profile asked for at 4 bits (its eight_bit list leaves out "lm_head")
         sensitive = all(t in SENSITIVE for t in types) and not (role == "lm_head" and bits == 4)
-        # Q4_K's exact form needs block offsets, which only the body's MatMulNBits takes (not the gathers), and
-        # costs each weight ~1 bit and 4 small nodes more than a 4-bit fit; "fast" copies it only where the
-        # plan asked for 8 bits (measured on the 0.5B's Q4_K down_proj: exact copies gave +1.5 to +3 points of
-        # top-1 agreement for a 3% longer decode step)
+        # a type with a float minimum (Q4_1, Q5_1, Q4_K, Q5_K) is exact only with block offsets, which only the
+        # body's MatMulNBits takes (not the gathers), at ~1 bit a weight and 4 small nodes more than a fit;
+        # "fast" copies the 4-bit ones only where the plan asked for 8 bits (measured on the 0.5B's Q4_K
+        # down_proj: exact copies gave +1.5 to +3 points of top-1 agreement for a 3% longer decode step)
         offsets_ok = role == "body"
         minimum_ok = offsets_ok and (faithful or bits == 8)
         four = bool(types) and all(t == "Q4_0" or (t in FOUR_BIT and minimum_ok) for t in types)

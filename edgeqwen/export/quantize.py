@@ -191,7 +191,8 @@ def _matmul_nbits(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy
 
 def _offset_correction(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy_level: int,
                        dtype: type = np.float32) -> tuple[list, list]:
-    """MatMulNBits for a weight with block offsets (GGUF Q4_K's minimum): x @ W = MatMulNBits(x) + s @ O, where
+    """MatMulNBits for a weight with block offsets (the float minimum of GGUF Q4_1/Q5_1/Q4_K/Q5_K, what its
+    integer zero point leaves over): x @ W = MatMulNBits(x) + s @ O, where
     s holds the sums of x over each K block ([..., K/block]) and O the offsets ([K/block, N]). The extra
     matmul reads 4 bytes per block, as much as the scales: Q4_K stays exact at ~6 bits a weight.
     The hidden states are [batch, seq, K] in the graphs we rewrite (Reshape copies the first two dims)."""
