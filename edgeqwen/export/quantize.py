@@ -453,13 +453,10 @@ def quantize_graph(
                 new_inits.extend(inits)
                 continue
             if bq.offsets is not None:
-                nodes, inits = _offset_correction(node, bq, wname, plan.accuracy_level, dtype)
-                report.add(wname, how, bq, w.nbytes)
-                replaced.add(wname)
-                new_nodes.extend(nodes)
-                new_inits.extend(inits)
-                continue
-            new, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level, dtype)
+                new, inits = _offset_correction(node, bq, wname, plan.accuracy_level, dtype)
+            else:
+                matmul, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level, dtype)
+                new = [matmul]
         elif node.op_type == "Gather" and node.input[0] in weights and plan.embed_bits:
             wname = node.input[0]
             w = weights.array(wname)
@@ -467,13 +464,14 @@ def quantize_graph(
                 new_nodes.append(node)
                 continue
             bq, how = coder(wname, w, plan.embed_bits, "embed")
-            new, inits = _gather_block_quantized(node, bq, wname, dtype)
+            gather_node, inits = _gather_block_quantized(node, bq, wname, dtype)
+            new = [gather_node]
         else:
             new_nodes.append(node)
             continue
         report.add(wname, how, bq, w.nbytes)
         replaced.add(wname)
-        new_nodes.append(new)
+        new_nodes.extend(new)
         new_inits.extend(inits)
     del graph.node[:]
     graph.node.extend(new_nodes)
