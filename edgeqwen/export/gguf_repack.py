@@ -58,12 +58,21 @@ def _f16(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
 
 
+def _codes_32(qs: np.ndarray, qh: np.ndarray | None = None) -> np.ndarray:
+    """Codes of the block-32 types (Q4_0/Q4_1/Q5_0/Q5_1): element j in the low nibble of byte j, j+16 in
+    its high nibble; the 5-bit types add bit j of the 32-bit mask ``qh`` (4 bytes) as bit 4."""
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
+    if qh is not None:
+        mask = np.ascontiguousarray(qh).view(np.uint32)  # [n, blocks, 1]
+        q |= (((mask >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4)
+    return q
+
+
 def decode_q4_0(rows: np.ndarray) -> BlockQuantized:
     n = rows.shape[0]
     b = rows.reshape(n, -1, 18)
     d = _f16(b[..., 0:2]).reshape(n, -1)
-    qs = b[..., 2:18]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j in low nibble, j+16 in high nibble
+    q = _codes_32(b[..., 2:18])
     return BlockQuantized(q.reshape(n, -1), d, np.full(d.shape, 8, np.uint8), 4, 32, q.shape[1] * 32)
 
 
@@ -71,11 +80,7 @@ def decode_q5_0(rows: np.ndarray) -> BlockQuantized:
     n = rows.shape[0]
     b = rows.reshape(n, -1, 22)
     d = _f16(b[..., 0:2]).reshape(n, -1)
-    qh = np.ascontiguousarray(b[..., 2:6]).view(np.uint32)  # [n, blocks, 1]
-    qs = b[..., 6:22]
-    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
-    high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
-    q = low | (high << 4)
+    q = _codes_32(b[..., 6:22], b[..., 2:6])
     return BlockQuantized(q.reshape(n, -1), d, np.full(d.shape, 16, np.uint8), 8, 32, q.shape[1] * 32)
 
 
@@ -162,8 +167,7 @@ def decode_q4_1(rows: np.ndarray) -> BlockQuantized:
     n = rows.shape[0]
     b = rows.reshape(n, -1, 20)
     d, m = _f16(b[..., 0:2]).reshape(n, -1), _f16(b[..., 2:4]).reshape(n, -1)
-    qs = b[..., 4:20]
-    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # element j in low nibble, j+16 in high nibble
+    q = _codes_32(b[..., 4:20])
     return _with_minimum(q.reshape(n, -1), d, m, 4, q.shape[1] * 32)
 
 
@@ -172,10 +176,7 @@ def decode_q5_1(rows: np.ndarray) -> BlockQuantized:
     n = rows.shape[0]
     b = rows.reshape(n, -1, 24)
     d, m = _f16(b[..., 0:2]).reshape(n, -1), _f16(b[..., 2:4]).reshape(n, -1)
-    qh = np.ascontiguousarray(b[..., 4:8]).view(np.uint32)
-    qs = b[..., 8:24]
-    low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.uint8)
-    q = low | (((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4)
+    q = _codes_32(b[..., 8:24], b[..., 4:8])
     return _with_minimum(q.reshape(n, -1), d, m, 8, q.shape[1] * 32)
 
 
