@@ -69,7 +69,7 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "io_dtype", "context", "threads",
+    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "vocab_bits", "io_dtype", "context", "threads",
     "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
@@ -161,15 +161,23 @@ _EIGHT_BIT_RE = re.compile(r"^(lm_head|(layers\.\d+\.)?(attn|mlp)\.(qkv_proj|o_p
 # the 0.5B and keeps the perplexity ratio <= 1.04, but top-1 agreement on English drops 92.6% -> 84.6%.
 MEASURED = "measured"
 DEFAULT_EIGHT_BIT = ("attn.", "mlp.gate_proj", "lm_head", MEASURED)
-# An 8-bit vocabulary matrix in an int4 bundle is stored as two 4-bit halves that sum to it exactly; each step
-# the lm_head reads the coarse half (half the bytes: ~3 ms of a ~30 ms decode step on the 0.5B) and rescores
-# its best `vocab_refine` candidates with the whole 8-bit rows. Measured (benchmarks/quality.py, 0.5B): 128
-# gives the perplexity ratios of the plain 8-bit lm_head (within 0.004), 64 lets English drift by 0.009,
+# An 8-bit vocabulary matrix in an int4 bundle is stored as two 4-bit halves that sum to it exactly (a 4-bit and
+# a 2-bit part at `vocab_bits` = 6, below); each step the lm_head reads the coarse half (half the bytes of 8
+# bits; still ~4 ms of a ~24 ms decode step on the 0.5B, memory-bound) and rescores its best `vocab_refine`
+# candidates with the whole 8-bit rows. Measured (benchmarks/quality.py, 0.5B): 128 gives the perplexity
+# ratios of the plain 8-bit lm_head (within 0.004), 64 lets English drift by 0.009,
 # 1024 costs ~1.5 ms a step; top-1 agreement is the same for all. 0 keeps a plain 8-bit lm_head.
 # That matrix is re-coded at `block_size_8bit` before the split (not in "faithful" GGUF imports): the coarse
 # half's per-32 fp32 scales were a fifth of its bytes (151,936 x 896 at M = 1: 2.5 ms at block 32, 1.9 ms at
 # 128); measured on the 0.5B, a step is ~1.1 ms shorter, the bundle 21 MiB smaller, the ratios within noise.
 DEFAULT_VOCAB_REFINE = 128
+# `vocab_bits` = 6 re-codes that matrix at 6 bits (symmetric, block `block_size_8bit`) before the split: the
+# coarse half is the same 4 bits, the residual 2 bits, so the bundle is 34 MB smaller on the 0.5B (458.0 ->
+# 425.6 MiB, the one default-quality way under 450 MB; llama.cpp's Q4_K_M keeps its output matrix at 6 bits
+# too) at no speed cost; quality.py: ratios 1.013/1.013/1.034/1.008 -> 1.030/1.013/1.039/1.015, agreement
+# 0.4-1.0 points lower. 8 keeps an 8-bit matrix; "faithful" GGUF imports ignore this key (exact Q8_0 codes).
+VOCAB_BITS = (6, 8)
+DEFAULT_VOCAB_BITS = 6
 # The body weights an int4 profile keeps at 8 bits get wider blocks than the 4-bit ones: at 8 bits a block of
 # 128 still rounds ~16x finer than int4, while per-32 scales and zero points (per-16 for Q6_K copies) add
 # 16-31% to those weights' bytes and slow the kernel (MatMulNBits 896x4864, 2 threads: 0.10 ms at block 32,
@@ -224,6 +232,7 @@ _CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "accuracy_level": _int_range(0, 4),
     "eight_bit": _check_eight_bit,
     "vocab_refine": _int_range(0, VOCAB_REFINE_MAX),
+    "vocab_bits": _choice(VOCAB_BITS),
     "io_dtype": _choice(IO_DTYPES),
     "context": _int_range(*CONTEXT_RANGE),
     "threads": _int_range(0, None),
@@ -267,6 +276,7 @@ class Profile:
     accuracy_level: int = 4
     eight_bit: tuple[str, ...] = DEFAULT_EIGHT_BIT  # int4 bundles: weights matching these stay 8-bit
     vocab_refine: int = DEFAULT_VOCAB_REFINE  # int4 + 8-bit vocabulary: candidates rescored at 8 bits
+    vocab_bits: int = DEFAULT_VOCAB_BITS  # int4 + refined vocabulary: 8, or 6 (4-bit coarse + 2-bit residual)
     io_dtype: str = "fp32"
     context: int = 4096
     threads: int = 0

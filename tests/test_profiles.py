@@ -154,6 +154,7 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path):
     ("eight_bit", ["mlp.gate"], ["measured", "attn.", "mlp.gate_proj", "layers.N."]),
     ("vocab_refine", -1, ["0", "1024"]),
     ("vocab_refine", 5000, ["0", "1024"]),
+    ("vocab_bits", 4, ["6", "8"]),
 ])
 def test_bad_value_names_value_and_allowed(key, value, allowed):
     with pytest.raises(ProfileError) as exc:

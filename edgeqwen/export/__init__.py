@@ -168,17 +168,19 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
            quant_algo: str | None = None, block_size: int | None = None, context: int | None = None,
            gguf_mode: str | None = None, force: bool = False, verify: bool = True, progress: bool = True,
            threads: int | None = None, eight_bit: list[str] | str | None = None,
-           vocab_refine: int | None = None) -> ExportResult:
+           vocab_refine: int | None = None, vocab_bits: int | None = None) -> ExportResult:
     """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``.
 
     ``eight_bit`` replaces the profile's list of int4 weights kept at 8 bits (``[]``: none, the smallest and
     fastest bundle; the profiles' default is attention, gate projections, ``"lm_head"`` and ``"measured"``).
-    ``vocab_refine`` overrides the profile's number of lm_head candidates rescored at 8 bits (0: none)."""
+    ``vocab_refine`` overrides the profile's number of lm_head candidates rescored at full precision (0: none),
+    ``vocab_bits`` the bits of that refined vocabulary matrix (6 or 8)."""
     from .graph import adjust_genai_config, build_fast_graph, build_portable_graph
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
-                              context=context, gguf_mode=gguf_mode, eight_bit=eight_bit, vocab_refine=vocab_refine)
+                              context=context, gguf_mode=gguf_mode, eight_bit=eight_bit, vocab_refine=vocab_refine,
+                              vocab_bits=vocab_bits)
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
     if profile.backend == "portable":
@@ -297,12 +299,13 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
         save_with_external_data(model, dest)
         return {"precision": profile.precision, "summary": {"tensors": 0}}
     eight_bit = _eight_bit(profile, src)  # the weights whose int4 error costs the most (sensitivity.py)
-    vocab_bits = 8 if profile.precision != "int4" or "lm_head" in eight_bit else 4
+    head_bits = 8 if profile.precision != "int4" or "lm_head" in eight_bit else 4
     plan = QuantPlan(precision=profile.precision, algo=profile.quant_algo, block_size=profile.block_size,
                      accuracy_level=profile.accuracy_level, gguf_mode=profile.gguf_mode,
                      embed_bits=4 if profile.precision == "int4" else 8,
-                     lm_head_bits=vocab_bits, shared_bits=vocab_bits, eight_bit=eight_bit,
-                     vocab_refine=profile.vocab_refine, block_size_8bit=profile.block_size_8bit)
+                     lm_head_bits=head_bits, shared_bits=head_bits, eight_bit=eight_bit,
+                     vocab_refine=profile.vocab_refine, vocab_bits=profile.vocab_bits,
+                     block_size_8bit=profile.block_size_8bit)
     importance = hessians = None
     if plan.algo in ("k_quant", "gptq"):
         from .calibrate import input_statistics

@@ -50,20 +50,18 @@ class BlockQuantized:
         return w.reshape(self.n, -1)[:, : self.k]
 
     def packed_codes(self) -> np.ndarray:
-        """uint8 [N, K_blocks, blob]: MatMulNBits' B; reshaped to [N, K*bits/8] it is GatherBlockQuantized's data."""
+        """uint8 [N, K_blocks, blob]: MatMulNBits' B; reshaped to [N, K*bits/8] it is GatherBlockQuantized's data.
+        Codes narrower than a byte are packed lowest bits first (2 per byte at 4 bits, 4 at 2 bits)."""
         q = self.q.reshape(self.n, self.k_blocks, self.block_size)
-        if self.bits == 8:
-            return np.ascontiguousarray(q)
-        return np.ascontiguousarray((q[..., 0::2] & 0x0F) | ((q[..., 1::2] & 0x0F) << 4))
+        return np.ascontiguousarray(_pack(q, self.bits))
 
     def packed_zero_points(self) -> np.ndarray:
-        """uint8 [N, ceil(K_blocks*bits/8)]: two 4-bit zero points per byte, low nibble first."""
+        """uint8 [N, ceil(K_blocks*bits/8)]: zero points packed along the row as the codes are."""
         zp = self.zero_points
-        if self.bits == 8:
-            return np.ascontiguousarray(zp)
-        if zp.shape[1] % 2:
-            zp = np.concatenate([zp, np.zeros((zp.shape[0], 1), np.uint8)], axis=1)
-        return np.ascontiguousarray((zp[:, 0::2] & 0x0F) | ((zp[:, 1::2] & 0x0F) << 4))
+        per = 8 // self.bits
+        if zp.shape[1] % per:
+            zp = np.concatenate([zp, np.zeros((zp.shape[0], per - zp.shape[1] % per), np.uint8)], axis=1)
+        return np.ascontiguousarray(_pack(zp, self.bits))
 
     def default_zero_point(self) -> bool:
         """True when every zero point is the kernels' implicit one (symmetric grids need no zp tensor)."""
@@ -79,50 +77,68 @@ class BlockQuantized:
         """Inverse of ``packed_codes``/``packed_zero_points``: read a MatMulNBits weight back from a bundle
         (for measurements on exported bundles, e.g. benchmarks/sensitivity.py)."""
         k_blocks = -(-k // block_size)
-        raw = np.asarray(codes, np.uint8).reshape(n, k_blocks, -1)
-        if bits == 4:
-            q = np.stack([raw & 0x0F, raw >> 4], axis=-1).reshape(n, k_blocks, -1)
-        else:
-            q = raw
+        q = _unpack(np.asarray(codes, np.uint8).reshape(n, k_blocks, -1), bits)
         if zero_points is None:
             zp = np.full((n, k_blocks), 1 << (bits - 1), np.uint8)
         else:
-            zraw = np.asarray(zero_points, np.uint8).reshape(n, -1)
-            zp = np.stack([zraw & 0x0F, zraw >> 4], axis=-1).reshape(n, -1) if bits == 4 else zraw
-            zp = zp[:, :k_blocks]
+            zp = _unpack(np.asarray(zero_points, np.uint8).reshape(n, -1), bits)[:, :k_blocks]
         return cls(q=np.ascontiguousarray(q.reshape(n, -1)),
                    scales=np.asarray(scales, np.float32).reshape(n, k_blocks), zero_points=zp,
                    bits=bits, block_size=block_size, k=k)
 
 
-def split_8bit(bq: BlockQuantized) -> tuple[BlockQuantized, BlockQuantized]:
-    """An 8-bit matrix as a coarse 4-bit one plus a 4-bit residual whose sum is exactly the 8-bit values.
+def _pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes of ``bits`` (8, 4 or 2) along the last axis, lowest bits first, as onnxruntime reads them."""
+    if bits == 8:
+        return q.astype(np.uint8)
+    per = 8 // bits
+    out = np.zeros(q.shape[:-1] + (q.shape[-1] // per,), np.uint8)
+    for i in range(per):
+        out |= (q[..., i::per].astype(np.uint8) & ((1 << bits) - 1)) << (bits * i)
+    return out
+
+
+def _unpack(raw: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return raw
+    per = 8 // bits
+    parts = [(raw >> (bits * i)) & ((1 << bits) - 1) for i in range(per)]
+    return np.stack(parts, axis=-1).reshape(raw.shape[:-1] + (-1,))
+
+
+def split_coarse(bq: BlockQuantized) -> tuple[BlockQuantized, BlockQuantized]:
+    """An 8- or 6-bit matrix as a coarse 4-bit one plus a 4- or 2-bit residual whose sum is exactly its values.
 
     Why: the decode step reads the whole lm_head; at 8 bits Qwen's 151,936 x hidden vocabulary matrix is
     a quarter of the step. The coarse half alone (half the bytes) ranks the vocabulary, and the graph then
-    rescores the best candidates with both halves (``quantize._refined_vocab``), so the logits that decide
-    greedy and top-k/top-p picks are the 8-bit ones, bit for bit, and the embedding lookup stays 8-bit.
+    rescores the best candidates with both parts (``quantize._refined_vocab``), so the logits that decide
+    greedy and top-k/top-p picks are the full-precision ones, bit for bit, and the embedding lookup reads
+    the whole matrix. A 6-bit matrix has the same coarse part (a step of 1/8 of the block's largest value)
+    with a 2-bit residual: 34 MB less on the 0.5B, for perplexity ratios up to +0.017 (benchmarks/README.md).
 
-    Each block's code c (value d*(c - z)) is shifted by an offset o and split into nibbles:
-    c + o = 16*hi + lo, z + o = 16*z_hi + z_lo, so d*(c - z) = 16d*(hi - z_hi) + d*(lo - z_lo). o is
-    chosen per block so that z_lo is 8 where the block's codes allow it: the coarse part is then a
-    round-to-nearest grid (its error d*(lo - 8) lies in [-8d, 7d]) instead of a truncating one.
+    Each block's code c (value d*(c - z)) is shifted by an offset o and split at ``r = bits - 4``:
+    c + o = 2^r*hi + lo, z + o = 2^r*z_hi + z_lo, so d*(c - z) = 2^r*d*(hi - z_hi) + d*(lo - z_lo). o is
+    chosen per block so that z_lo is 2^(r-1) where the block's codes allow it: the coarse part is then a
+    round-to-nearest grid (its error d*(lo - z_lo) lies in [-2^(r-1)*d, (2^(r-1)-1)*d]), not a truncating one.
     """
-    if bq.bits != 8 or bq.offsets is not None:
-        raise ValueError(f"split_8bit needs a plain 8-bit matrix, got {bq.bits} bits"
-                         + (" with block offsets" if bq.offsets is not None else ""))
+    if bq.bits not in (6, 8) or bq.offsets is not None:
+        raise ValueError(f"split_coarse needs a plain 8- or 6-bit matrix (4-bit coarse + 4- or 2-bit residual), got "
+                         f"{bq.bits} bits" + (" with block offsets" if bq.offsets is not None else ""))
+    r = bq.bits - 4
+    top, mid, low_mask = (1 << bq.bits) - 1, 1 << (r - 1), (1 << r) - 1
     c = bq.q.reshape(bq.n, bq.k_blocks, bq.block_size).astype(np.int32)
     z = bq.zero_points.astype(np.int32)
     low = np.maximum(-c.min(axis=-1), -z)  # c + o >= 0 and z + o >= 0
-    high = np.minimum(255 - c.max(axis=-1), 255 - z)  # ... and both stay within one byte
-    o0 = (8 - z) % 16
-    o = o0 + 16 * -((o0 - low) // 16)  # the smallest o >= low with (z + o) % 16 == 8
+    high = np.minimum(top - c.max(axis=-1), top - z)  # ... and both stay within the code range
+    o0 = (mid - z) % (1 << r)
+    o = o0 + (1 << r) * -((o0 - low) // (1 << r))  # the smallest o >= low with (z + o) % 2^r == 2^(r-1)
     o = np.clip(o, low, high)
     shifted, zs = c + o[..., None], z + o
-    coarse = BlockQuantized(q=(shifted >> 4).reshape(bq.n, -1).astype(np.uint8), scales=bq.scales * 16,
-                            zero_points=(zs >> 4).astype(np.uint8), bits=4, block_size=bq.block_size, k=bq.k)
-    residual = BlockQuantized(q=(shifted & 15).reshape(bq.n, -1).astype(np.uint8), scales=bq.scales.copy(),
-                              zero_points=(zs & 15).astype(np.uint8), bits=4, block_size=bq.block_size, k=bq.k)
+    coarse = BlockQuantized(q=(shifted >> r).reshape(bq.n, -1).astype(np.uint8), scales=bq.scales * (1 << r),
+                            zero_points=(zs >> r).astype(np.uint8), bits=4, block_size=bq.block_size, k=bq.k)
+    residual = BlockQuantized(q=(shifted & low_mask).reshape(bq.n, -1).astype(np.uint8), scales=bq.scales.copy(),
+                              zero_points=(zs & low_mask).astype(np.uint8), bits=r, block_size=bq.block_size,
+                              k=bq.k)
     return coarse, residual
 
 

@@ -21,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import ExportError
-from .blockquant import BlockQuantized, quantize, quantize_rtn, split_8bit
+from .blockquant import BlockQuantized, quantize, quantize_rtn, split_coarse
 
 MS_DOMAIN = "com.microsoft"
 
@@ -47,9 +47,11 @@ class QuantPlan:
     # Block size of those 8-bit body weights (None: block_size). Wider blocks cost 8-bit weights almost no
     # accuracy and save scale bytes and kernel time; exact GGUF copies then give way to an 8-bit refit.
     block_size_8bit: int | None = None
-    # An 8-bit vocabulary matrix in an int4 bundle is stored as coarse + residual 4-bit halves; the lm_head
+    # An 8-bit vocabulary matrix in an int4 bundle is stored as a coarse 4-bit half + a residual; the lm_head
     # reads the coarse half and rescores this many best candidates with both (0: a plain 8-bit lm_head).
     vocab_refine: int = 0
+    # Bits of that split vocabulary matrix: 8, or 6 (re-coded, with a 2-bit residual; not in "faithful" mode)
+    vocab_bits: int = 8
 
     @property
     def body_bits(self) -> int | None:
@@ -78,7 +80,7 @@ class QuantReport:
     def add_split(self, name: str, how: str, coarse: BlockQuantized, residual: BlockQuantized, top_k: int,
                   float_bytes: int) -> None:
         self.add(name, how, coarse, float_bytes)
-        self.tensors[name].update(bits="4+4", refine_top_k=top_k)
+        self.tensors[name].update(bits=f"4+{residual.bits}", refine_top_k=top_k)
         self.quant_bytes += residual.nbytes()
 
     def summary(self) -> dict:
@@ -281,7 +283,7 @@ def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQ
 def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse: BlockQuantized,
                    residual: BlockQuantized, wname: str, accuracy_level: int, top_k: int,
                    dtype: type = np.float32) -> tuple:
-    """The vocabulary matrix as coarse + residual 4-bit halves (``blockquant.split_8bit``).
+    """The vocabulary matrix as a coarse 4-bit part + a 4- or 2-bit residual (``blockquant.split_coarse``).
 
     lm_head: the coarse half alone gives approximate logits (MatMulNBits, half the bytes of 8 bits); TopK
     picks the ``top_k`` best; their rows are gathered from both halves (the exact 8-bit values) and dotted
@@ -297,11 +299,11 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     head, inits = _matmul_nbits(coarse_node, coarse, wname, accuracy_level, dtype)
     base = wname.replace(".weight", "")
     c_view, c_inits, c_zp = _gather_view(f"{base}.coarse", coarse, head.input[2])
-    r_codes, r_scales, r_sixteen = f"{base}.residual.qweight", f"{base}.residual.scales", f"{base}.residual.div"
-    # the residual's scales are the coarse ones / 16 (split_8bit): computed in the graph, folded at load
-    r_view = [helper.make_node("Div", [f"{base}.coarse.scales", r_sixteen], [r_scales], name=f"{base}/ResidualScales")]
+    r_codes, r_scales, r_div = f"{base}.residual.qweight", f"{base}.residual.scales", f"{base}.residual.div"
+    # the residual's scales are the coarse ones / 2^bits (split_coarse): computed in the graph, folded at load
+    r_view = [helper.make_node("Div", [f"{base}.coarse.scales", r_div], [r_scales], name=f"{base}/ResidualScales")]
     r_inits = [numpy_helper.from_array(residual.packed_codes(), r_codes),
-               numpy_helper.from_array(np.array(16, dtype), r_sixteen)]
+               numpy_helper.from_array(np.array(1 << residual.bits, dtype), r_div)]
     r_zp = None
     if not residual.default_zero_point():
         r_zp = f"{base}.residual.qzeros"
@@ -340,19 +342,22 @@ def _refines(plan: QuantPlan, bq: BlockQuantized) -> bool:
     return plan.vocab_refine > 0 and plan.body_bits == 4 and bq.bits == 8
 
 
-def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str, block: int | None = None) -> tuple:
+def _split_for_refine(bq: BlockQuantized, w_nk: np.ndarray, how: str, block: int | None = None,
+                      bits: int = 8) -> tuple:
     """(coarse, residual, how) for ``_refined_vocab``. The split is exact for a symmetric 8-bit grid (GGUF
     Q8_0 copies, RTN): its zero point 128 leaves room for the offset that makes the coarse half round to
     nearest. An asymmetric fit fills all 256 codes, so that weight is re-coded with symmetric RTN first.
 
     ``block`` (the plan's ``block_size_8bit``) re-codes the matrix at that wider block first: the coarse
     half is what every decode step reads, and at block 32 its fp32 scales are a fifth of its bytes
-    (measured, 151,936 x 896 MatMulNBits at M = 1: 2.5 ms at block 32, 1.9 ms at 64 or 128)."""
-    if block and block != bq.block_size and w_nk.shape[1] % block == 0:
-        bq, how = quantize_rtn(w_nk, 8, block, symmetric=True), f"rtn-symmetric/block{block}(for the split; not {how})"
-    elif not bq.default_zero_point():
-        bq, how = quantize_rtn(w_nk, 8, bq.block_size, symmetric=True), f"rtn-symmetric(for the split; not {how})"
-    coarse, residual = split_8bit(bq)
+    (measured, 151,936 x 896 MatMulNBits at M = 1: 2.5 ms at block 32, 1.9 ms at 64 or 128). ``bits`` = 6
+    re-codes it at 6 bits (symmetric RTN), which leaves a 2-bit residual."""
+    wide = block if block and block != bq.block_size and w_nk.shape[1] % block == 0 else None
+    if bits != 8 or wide or not bq.default_zero_point():
+        bq = quantize_rtn(w_nk, bits, wide or bq.block_size, symmetric=True)
+        how = ("rtn-symmetric" + (f"/{bits}bit" if bits != 8 else "") + (f"/block{wide}" if wide else "")
+               + f"(for the split; not {how})")
+    coarse, residual = split_coarse(bq)
     return coarse, residual, how
 
 
@@ -364,8 +369,9 @@ def _lm_head(gather: onnx.NodeProto | None, head: onnx.NodeProto, bq: BlockQuant
     name = head.input[1]
     if _refines(plan, bq):
         # "faithful" GGUF imports keep the source's own 8-bit codes, blocks and all
-        block = plan.block_size_8bit if plan.gguf_mode != "faithful" else None
-        coarse, residual, how = _split_for_refine(bq, w_nk, how, block)
+        faithful = plan.gguf_mode == "faithful"
+        block = plan.block_size_8bit if not faithful else None
+        coarse, residual, how = _split_for_refine(bq, w_nk, how, block, 8 if faithful else plan.vocab_bits)
         report.add_split(name, how, coarse, residual, plan.vocab_refine, float_bytes)
         return _refined_vocab(gather, head, coarse, residual, name, plan.accuracy_level, plan.vocab_refine, dtype)
     report.add(name, how, bq, float_bytes)
@@ -429,7 +435,7 @@ def quantize_graph(
                 replaced |= {gather.input[0], head.input[1]}
                 new_inits.extend(inits)
                 report.tied = {"relative_difference": round(diff, 4),
-                               "bits": "4+4" if _refines(plan, bq) else bq.bits}
+                               "bits": report.tensors[head.input[1]]["bits"]}
     for node in progress(list(graph.node)):
         if node.name in shared:
             new_nodes.extend(shared[node.name])

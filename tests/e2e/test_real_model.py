@@ -48,8 +48,9 @@ def test_portable_export_verifies_with_standard_ops_only(bundles):
     assert sum(f["size"] for f in manifest["files"].values()) < 650 * 2**20
 
 
-# int4: mixed precision (attention, gate projections and the measured layers at 8 bits, block 128); measured on
-# the built-in texts by quality.py: ratio 1.013 / 1.013, agreement 91.2% / 98.8% (`--eight-bit lm_head`: 1.039, 88%)
+# int4: mixed precision (attention, gate projections and the measured layers at 8 bits, block 128; the vocabulary
+# matrix at 6 bits); measured on the built-in texts by quality.py: ratio 1.030 / 1.013, agreement 90.8% / 98.8%
+# (`--vocab-bits 8`: 1.013 / 1.013, 91.2% / 98.8%; `--eight-bit lm_head`: 1.039, 88%)
 @pytest.mark.parametrize("precision,min_agreement,max_ratio", [("int4", 0.92, 1.04), ("int8", 0.97, 1.02)])
 def test_export_verifies(bundles, precision, min_agreement, max_ratio):
     manifest = json.loads((bundles[precision] / "edgeqwen.json").read_text())
@@ -58,9 +59,10 @@ def test_export_verifies(bundles, precision, min_agreement, max_ratio):
     assert ver["agreement"] >= min_agreement
     assert ver["worst_perplexity_ratio"] <= max_ratio
     size = sum(f["size"] for f in manifest["files"].values())
-    assert size < (470 if precision == "int4" else 760) * 2**20  # measured 458.0 / 572 MiB
-    if precision == "int4":  # the shared vocabulary matrix: two 4-bit halves, lm_head rescoring 128 candidates
-        assert manifest["quantization"]["summary"]["shared_embeddings"]["bits"] == "4+4"
+    # measured 425.6 / 572 MiB; int4: the issue's goal, 450 MB
+    assert size <= (450e6 if precision == "int4" else 760 * 2**20)
+    if precision == "int4":  # the shared 6-bit vocabulary matrix: a 4-bit half the lm_head reads + a 2-bit residual
+        assert manifest["quantization"]["summary"]["shared_embeddings"]["bits"] == "4+2"
         tensors = manifest["quantization"]["tensors"]
         assert tensors["lm_head.MatMul.weight"]["block_size"] == 128  # re-coded from Q8_0's 32 before the split
         eight = {n: t["block_size"] for n, t in tensors.items() if t["bits"] == 8}
