@@ -300,6 +300,14 @@ class Profile:
                 "use precision = 'int8' (or fp16/fp32) with the portable backend, or backend = 'fast' "
                 "for int4 on CPU/CUDA/DirectML.",
             )
+        if self.backend == "fast" and self.precision == "fp16" and self.io_dtype != "fp16":
+            # the builder's float graph takes the I/O type: this bundle would hold fp32 weights labelled fp16
+            raise ProfileError(
+                f"Profile '{self.name}' (in {src}) sets precision = 'fp16' with io_dtype = '{self.io_dtype}'; the "
+                "fast graph's float weights follow its I/O type, so allowed precision here: int4, int8, fp32.",
+                "use precision 'fp32' (or int8/int4) on this profile, or a profile with io_dtype = 'fp16' (cuda, "
+                "windows-dml, jetson-orin-nano) for fp16 weights.",
+            )
         if self.io_dtype == "fp16" and self.providers[0] == "cpu":
             raise ProfileError(
                 f"Profile '{self.name}' (in {src}) sets io_dtype = 'fp16' with 'cpu' as the first provider; "

@@ -91,7 +91,16 @@ def test_verification_failure_writes_nothing(tmp_path: Path, qwen2_tied: Path, a
     with pytest.raises(VerificationError, match="The fp32 bundle disagrees with its source") as info:
         export(str(qwen2_tied), "host", tmp_path / "out", precision="fp32", progress=False)
     assert "Nothing was written" in str(info.value)
+    assert "please report this model" in str(info.value)  # a float bundle that disagrees is a bug, not a setting
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_verification_failure_does_not_suggest_int8(tmp_path: Path, qwen2_tied: Path, allow_tiny,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(verify.THRESHOLDS, "int8", (1.01, 1.0))
+    with pytest.raises(VerificationError, match="The int8 bundle disagrees") as info:
+        export(str(qwen2_tied), "host", tmp_path / "out", precision="int8", progress=False)
+    assert "--precision fp32" in str(info.value) and "--precision int8" not in str(info.value)
 
 
 def test_verification_passes_and_is_recorded_for_fp32(tmp_path: Path, qwen3: Path, allow_tiny) -> None:

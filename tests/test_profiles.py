@@ -187,6 +187,14 @@ def test_portable_int4_refused_with_fix():
     assert "portable" in str(exc.value) and "int8" in exc.value.fix
 
 
+def test_fp16_precision_needs_fp16_io_on_the_fast_backend():
+    """The builder's float graph follows io_dtype: fp16 with fp32 I/O wrote fp32 weights labelled fp16."""
+    with pytest.raises(ProfileError, match="precision = 'fp16' with io_dtype = 'fp32'") as exc:
+        load_profile("rpi5", precision="fp16")
+    assert "int4, int8, fp32" in str(exc.value) and "cuda" in str(exc.value)
+    assert load_profile("cuda", precision="fp16").precision == "fp16"
+
+
 def test_fp16_io_on_cpu_first_refused():
     with pytest.raises(ProfileError, match="io_dtype") as exc:
         load_profile("rpi5", io_dtype="fp16")

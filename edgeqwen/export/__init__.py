@@ -30,6 +30,12 @@ BITS_PER_WEIGHT = {"int4": 5.2, "int8": 9.3, "fp16": 16.0, "fp32": 32.0}
 QUANTIZER_ALGOS = ("rtn", "k_quant", "hqq", "gptq")
 # Standard-op graphs: weight-only int8 (DequantizeLinear -> MatMul) or float.
 PORTABLE_PRECISIONS = ("int8", "fp32")
+# What to try when verification fails, by precision (a float bundle that disagrees is a bug, not a setting)
+_VERIFY_FIX = {
+    "int4": "try --precision int8, a smaller --block-size, or --quant-algo k_quant.",
+    "int8": "try --precision fp32 (fp16 on a GPU profile), or --no-verify if the source itself is unusual.",
+    "fp32": "the float graph should match its source: please report this model with the export log.",
+}
 
 
 @dataclass
@@ -256,7 +262,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
                             f"The {profile.precision} bundle disagrees with its source: agreement "
                             f"{result.agreement:.1%} (min {result.min_agreement:.0%}), worst perplexity ratio "
                             f"{result.worst_ratio:.3f} (max {result.max_ratio}). Nothing was written to {out}.",
-                            "try --precision int8, a smaller --block-size, or --quant-algo k_quant.")
+                            _VERIFY_FIX.get(profile.precision, _VERIFY_FIX["fp32"]))
             with stages.stage("write", f"Writing bundle {target.target}"):
                 pass
     finally:
