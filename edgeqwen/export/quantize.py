@@ -253,13 +253,17 @@ def _gather_view(base: str, bq: BlockQuantized, flat_scales: str) -> tuple[list,
     s, z, s_shape = f"{base}.scales", f"{base}.qzeros", f"{base}.scales_shape"
     inits = [numpy_helper.from_array(np.array([bq.n, bq.k_blocks, 1], np.int64), s_shape)]
     nodes = [helper.make_node("Reshape", [flat_scales, s_shape], [s], name=f"{base}/ScalesReshape")]
-    if bq.default_zero_point() and bq.bits == 4:  # 4-bit gathers assume 8, like MatMulNBits
-        return nodes, inits, None
-    # GatherBlockQuantized packs 4-bit zero points along the quantized axis, here of length 1 (one block per
-    # row of the 3-D view): one zero point per byte, not MatMulNBits' two
-    zp = bq.packed_zero_points() if bq.bits == 8 else bq.zero_points.astype(np.uint8)
-    inits.append(numpy_helper.from_array(zp.reshape(bq.n, -1, 1), z))
-    return nodes, inits, z
+    zp_inits, zp = _gather_zero_points(bq, z)
+    return nodes, inits + zp_inits, zp
+
+
+def _gather_zero_points(bq: BlockQuantized, name: str) -> tuple[list, str | None]:
+    """Zero points for a GatherBlockQuantized over a [V, K_blocks, blob] view, or none where the default
+    holds (2- and 4-bit gathers assume the middle code, like MatMulNBits). Sub-byte zero points are packed
+    along the quantized axis, here of length 1 (one block per row of the view): one per byte."""
+    if bq.default_zero_point() and bq.bits < 8:
+        return [], None
+    return [numpy_helper.from_array(bq.zero_points.astype(np.uint8).reshape(bq.n, -1, 1), name)], name
 
 
 def _shared_embedding(gather: onnx.NodeProto, matmul: onnx.NodeProto, bq: BlockQuantized, wname: str,
@@ -304,10 +308,8 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     r_view = [helper.make_node("Div", [f"{base}.coarse.scales", r_div], [r_scales], name=f"{base}/ResidualScales")]
     r_inits = [numpy_helper.from_array(residual.packed_codes(), r_codes),
                numpy_helper.from_array(np.array(1 << residual.bits, dtype), r_div)]
-    r_zp = None
-    if not residual.default_zero_point():
-        r_zp = f"{base}.residual.qzeros"
-        r_inits.append(numpy_helper.from_array(residual.zero_points.astype(np.uint8).reshape(residual.n, -1, 1), r_zp))
+    r_zp_inits, r_zp = _gather_zero_points(residual, f"{base}.residual.qzeros")
+    r_inits += r_zp_inits
     inits = inits + c_inits + r_inits
     dims = {2: f"{base}.rows_shape2", 3: f"{base}.rows_shape3"}  # [..., K_blocks, block] -> [..., hidden]
     inits += [numpy_helper.from_array(np.array([0] * r + [coarse.k], np.int64), n) for r, n in dims.items()]
