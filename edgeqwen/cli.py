@@ -65,7 +65,7 @@ def cmd_export(args) -> int:
                     verify=not args.no_verify, progress=not args.json, threads=args.threads,
                     eight_bit=None if args.eight_bit is None else
                     [] if args.eight_bit.strip().lower() == "none" else args.eight_bit,
-                    vocab_refine=args.vocab_refine, vocab_bits=args.vocab_bits)
+                    vocab_refine=args.vocab_refine, vocab_bits=args.vocab_bits, smooth_alpha=args.smooth_alpha)
     summary = result.summary()
     if args.json:
         _print_json(summary)
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-bits", type=int, choices=[6, 8],
                    help="int4 with a refined lm_head: bits of the vocabulary matrix (profile default 6: a 4-bit "
                         "half + a 2-bit residual, 34 MB smaller on the 0.5B; 8: most faithful)")
+    p.add_argument("--smooth-alpha", type=float, metavar="A",
+                   help="int4: SmoothQuant strength moving the attention input's outlier channels into the 8-bit "
+                        "q/k/v weights before accuracy level 4 rounds it (profile default 0.5; 0: off)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the float source")

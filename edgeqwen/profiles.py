@@ -69,7 +69,7 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "vocab_bits", "io_dtype", "context", "threads",
+    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "vocab_bits", "smooth_alpha", "io_dtype", "context", "threads",
     "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
@@ -116,6 +116,21 @@ def _int_range(lo: int, hi: int | None) -> Callable[[str, Any, str], int]:
         if isinstance(num, bool) or not isinstance(num, int) or num < lo or (hi is not None and num > hi):
             raise _bad_value(key, value, allowed, source)
         return num
+
+    return check
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str, Any, str], float]:
+    def check(key: str, value: Any, source: str) -> float:
+        num: Any = value
+        if isinstance(value, str):
+            try:
+                num = float(value)
+            except ValueError:
+                pass
+        if isinstance(num, bool) or not isinstance(num, (int, float)) or not lo <= num <= hi:
+            raise _bad_value(key, value, f"a number from {lo:g} to {hi:g}", source)
+        return float(num)
 
     return check
 
@@ -184,6 +199,11 @@ DEFAULT_VOCAB_BITS = 6
 # 0.07 ms at 128). Measured on the 0.5B default (benchmarks/README.md): decode 40.2 -> 44.7 tok/s, 513.7 ->
 # 480.5 MiB, perplexity ratios +0.003..0.008 against exact copies of the GGUF's blocks.
 DEFAULT_BLOCK_SIZE_8BIT = 128
+# SmoothQuant strength for the attention input (export/smooth.py): accuracy level 4 rounds each matmul's input
+# to int8 per block, and the q/k/v projection's input (RMSNorm output, with Qwen's few huge channels) is where
+# that costs (sensitivity.py --by activation). Its q/k/v weights, refit at 8 bits in int4 bundles, take over
+# those channels' range; 0 turns it off. Measured on the 0.5B: see benchmarks/README.md.
+DEFAULT_SMOOTH_ALPHA = 0.5
 VOCAB_REFINE_MAX = 1024
 
 
@@ -233,6 +253,7 @@ _CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "eight_bit": _check_eight_bit,
     "vocab_refine": _int_range(0, VOCAB_REFINE_MAX),
     "vocab_bits": _choice(VOCAB_BITS),
+    "smooth_alpha": _float_range(0.0, 1.0),
     "io_dtype": _choice(IO_DTYPES),
     "context": _int_range(*CONTEXT_RANGE),
     "threads": _int_range(0, None),
@@ -277,6 +298,7 @@ class Profile:
     eight_bit: tuple[str, ...] = DEFAULT_EIGHT_BIT  # int4 bundles: weights matching these stay 8-bit
     vocab_refine: int = DEFAULT_VOCAB_REFINE  # int4 + 8-bit vocabulary: candidates rescored at 8 bits
     vocab_bits: int = DEFAULT_VOCAB_BITS  # int4 + refined vocabulary: 8, or 6 (4-bit coarse + 2-bit residual)
+    smooth_alpha: float = DEFAULT_SMOOTH_ALPHA  # int4: SmoothQuant strength for the q/k/v input (0: off)
     io_dtype: str = "fp32"
     context: int = 4096
     threads: int = 0

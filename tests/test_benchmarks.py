@@ -92,3 +92,54 @@ def test_step_profile_runs_on_a_bundle(int4_tied_bundle):
     rows = json.loads(out.stdout[out.stdout.index("\n[") + 1:])
     assert [r["context"] for r in rows] == [4, 32] and all(r["step_ms"] > 0 for r in rows)
     assert "MatMulNBits" in rows[0]["ms_per_step_by_op"] and rows[0]["slowest_matmuls_ms"]
+
+
+def test_sensitivity_harness_reproduces_the_bundle(int4_tied_bundle, qwen2_tied):
+    """sensitivity.py's harness (float model + the bundle's dequantized weights + accuracy level 4's input
+    rounding + the split vocabulary's coarse/refine scoring) gives the bundle's own logits: what it says
+    about a group of weights is about the bundle, not about a model that only looks like it."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from sensitivity import Harness, bundle_norms, bundle_weights
+
+    from edgeqwen import runtime
+    from edgeqwen.export.verify import bundle_logits
+
+    model = runtime.load(int4_tied_bundle, threads=1)
+    tokens = model.encode("def add(a, b):\n    return a + b\n\nclass Box:\n    pass\n")[:24]
+    ours = np.stack(list(bundle_logits(model, tokens)))
+
+    weights = bundle_weights(int4_tied_bundle)
+    head = weights["lm_head.MatMul"]
+    assert head.coarse is not None and head.refine_k > 0  # the tiny tied int4 bundle splits its vocabulary
+    assert np.abs(head.value - head.coarse).max() > 0  # the residual is read back, not dropped
+    harness = Harness(qwen2_tied, {"t": tokens}, threads=1)
+    float_logits = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
+    for base, w in weights.items():
+        harness.set(base, w)
+    harness.act_round = True
+    source_norms = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
+    harness.act_round = False
+    norms = bundle_norms(int4_tied_bundle)
+    assert norms and all(name in harness.params for name in norms)
+    for name, gamma in norms.items():  # smoothing divided them by what it multiplied the q/k/v rows by
+        harness.set_tensor(name, gamma)
+    weights_only = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
+    harness.act_round = True
+    rounded = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
+
+    def err(a):
+        return float(np.abs(a - ours).max() / np.abs(ours).max())
+
+    assert err(rounded) < 1e-3, (err(rounded), err(weights_only))
+    assert (rounded.argmax(-1) == ours.argmax(-1)).all()
+    # each part of the emulation matters: without it the harness is measurably off the bundle
+    assert min(err(weights_only), err(float_logits), err(source_norms)) > 1e-2
+    refine, harness.refine = harness.refine, None  # every logit from the whole matrix: the tail is wrong
+    whole_matrix = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
+    assert err(whole_matrix) > 1e-2
+    harness.refine = refine
+    harness.float_kinds = {"qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    no_rounding = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
+    np.testing.assert_allclose(no_rounding, weights_only, rtol=0, atol=1e-5)

@@ -366,3 +366,14 @@ def test_names_missing_from_the_gguf_go_to_the_fallback(gguf_file) -> None:
     w = np.zeros((8, HIDDEN), np.float32)
     _, how = code("model.layers.5.mlp.down_proj.MatMul.weight", w, 8, "body")
     assert how == "stub:?" and calls == [("model.layers.5.mlp.down_proj.MatMul.weight", 8, "body")]
+
+
+def test_four_bit_copies_names_the_weights_smoothing_must_leave_alone(gguf_file) -> None:
+    """o_proj (Q4_0) and up_proj (Q4_K) stay exact 4-bit copies even where 8 bits were asked, so smooth.py
+    must not re-code them; q/k/v (Q6_K + Q8_0 + Q5_0) is refit at 8 bits anyway; an F32 part is no copy."""
+    from edgeqwen.export.gguf_repack import four_bit_copies
+
+    path, _ = gguf_file
+    up = "model.layers.0.mlp.up_proj.MatMul.weight"
+    down = "model.layers.0.mlp.down_proj.MatMul.weight"
+    assert four_bit_copies(path, [QKV, O_PROJ, up, down, "model.layers.7.attn.qkv_proj.MatMul.weight"]) == {O_PROJ, up}

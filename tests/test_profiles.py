@@ -155,6 +155,8 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path):
     ("vocab_refine", -1, ["0", "1024"]),
     ("vocab_refine", 5000, ["0", "1024"]),
     ("vocab_bits", 4, ["6", "8"]),
+    ("smooth_alpha", 1.5, ["0", "1"]),
+    ("smooth_alpha", "strong", ["0", "1"]),
 ])
 def test_bad_value_names_value_and_allowed(key, value, allowed):
     with pytest.raises(ProfileError) as exc:

@@ -174,19 +174,21 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
            quant_algo: str | None = None, block_size: int | None = None, context: int | None = None,
            gguf_mode: str | None = None, force: bool = False, verify: bool = True, progress: bool = True,
            threads: int | None = None, eight_bit: list[str] | str | None = None,
-           vocab_refine: int | None = None, vocab_bits: int | None = None) -> ExportResult:
+           vocab_refine: int | None = None, vocab_bits: int | None = None,
+           smooth_alpha: float | None = None) -> ExportResult:
     """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``.
 
     ``eight_bit`` replaces the profile's list of int4 weights kept at 8 bits (``[]``: none, the smallest and
     fastest bundle; the profiles' default is attention, gate projections, ``"lm_head"`` and ``"measured"``).
     ``vocab_refine`` overrides the profile's number of lm_head candidates rescored at full precision (0: none),
-    ``vocab_bits`` the bits of that refined vocabulary matrix (6 or 8)."""
+    ``vocab_bits`` the bits of that refined vocabulary matrix (6 or 8), ``smooth_alpha`` the SmoothQuant
+    strength for the attention input (0: off; ``smooth.py``)."""
     from .graph import adjust_genai_config, build_fast_graph, build_portable_graph
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
                               context=context, gguf_mode=gguf_mode, eight_bit=eight_bit, vocab_refine=vocab_refine,
-                              vocab_bits=vocab_bits)
+                              vocab_bits=vocab_bits, smooth_alpha=smooth_alpha)
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
     if profile.backend == "portable":
@@ -296,7 +298,14 @@ def _eight_bit(profile: Profile, src) -> tuple[str, ...]:
 def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
     import onnx
 
-    from .quantize import ExternalWeights, QuantPlan, float_coder, quantize_graph, save_with_external_data
+    from .quantize import (
+        ExternalWeights,
+        QuantPlan,
+        float_coder,
+        keeps_8_bits,
+        quantize_graph,
+        save_with_external_data,
+    )
 
     model = onnx.load(str(work / "model.onnx"), load_external_data=False)
     weights = ExternalWeights(model, work)
@@ -311,13 +320,27 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
                      embed_bits=4 if profile.precision == "int4" else 8,
                      lm_head_bits=head_bits, shared_bits=head_bits, eight_bit=eight_bit,
                      vocab_refine=profile.vocab_refine, vocab_bits=profile.vocab_bits,
-                     block_size_8bit=profile.block_size_8bit)
+                     block_size_8bit=profile.block_size_8bit, smooth_alpha=profile.smooth_alpha)
     importance = hessians = None
+    smoothed: dict = {}
     if plan.algo in ("k_quant", "gptq"):
         from .calibrate import input_statistics
+        from .smooth import follow_statistics, smooth_attention_inputs
 
         gptq_layers = ("mlp.", "attn.") if plan.algo == "gptq" else ()
-        importance, hessians = input_statistics(src.hf_dir, hessian_for=gptq_layers)
+        maxima: dict = {}
+        importance, hessians = input_statistics(src.hf_dir, hessian_for=gptq_layers, maxima=maxima)
+        if _smooths(plan, src):
+            # only q/k/v weights refit at 8 bits: exact GGUF copies and 4-bit fits are left as they were
+            exact: set[str] = set()
+            if src.gguf_path is not None:
+                from .gguf_repack import four_bit_copies
+
+                exact = four_bit_copies(src.gguf_path, list(maxima))
+            smoothed = smooth_attention_inputs(
+                model, weights, maxima, plan.smooth_alpha,
+                wanted=lambda name: keeps_8_bits(name, plan.eight_bit) and name not in exact)
+            follow_statistics(smoothed, importance, hessians)
     coder = float_coder(plan, importance, hessians)
     method = "float"
     if src.gguf_path is not None:
@@ -327,7 +350,17 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
     report = quantize_graph(model, weights, plan, coder, progress=lambda it: stages.bar(it, "nodes", "node"))
     save_with_external_data(model, dest)
     return {"plan": plan.to_dict(), "source_weights": method, "calibrated": importance is not None, "summary": report.summary(),
-            "tensors": report.tensors}
+            "smoothed": sorted(smoothed), "tensors": report.tensors}
+
+
+def _smooths(plan, src) -> bool:
+    """Smoothing re-codes the q/k/v weights, so not where the bundle promises the source's exact codes."""
+    if plan.smooth_alpha <= 0 or plan.precision != "int4":
+        return False
+    if src.gguf_path is None:
+        return True
+    # a GGUF import refits its 8-bit weights only at a wider block (gguf_repack.gguf_coder); faithful never
+    return plan.gguf_mode == "fast" and bool(plan.block_size_8bit) and plan.block_size_8bit != plan.block_size
 
 
 def _quantize_portable(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:

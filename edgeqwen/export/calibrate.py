@@ -66,11 +66,18 @@ class GramMatrices(Mapping):
     def __len__(self) -> int:
         return len(self._inputs)
 
+    def rescale(self, name: str, s: np.ndarray) -> None:
+        """The weight now reads x / s (``smooth.py``): its Gram matrix follows."""
+        if name in self._inputs:
+            self._inputs[name] = self._inputs[name] / s
+
 
 def input_statistics(hf_dir: Path, text: str | None = None, *, max_tokens: int = 2048, threads: int | None = None,
-                     hessian_for: tuple[str, ...] = ()) -> tuple[dict[str, np.ndarray], GramMatrices]:
+                     hessian_for: tuple[str, ...] = (),
+                     maxima: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], GramMatrices]:
     """(importance, hessians): per-channel mean x^2 for every linear layer, and the mean ``x^T x`` ([K, K])
-    for the layers whose ONNX weight name contains one of ``hessian_for`` (e.g. ``("mlp.",)``)."""
+    for the layers whose ONNX weight name contains one of ``hessian_for`` (e.g. ``("mlp.",)``). ``maxima``,
+    when given, is filled with each layer's per-channel max |x| (what ``smooth.py`` migrates)."""
     import torch
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
@@ -82,6 +89,7 @@ def input_statistics(hf_dir: Path, text: str | None = None, *, max_tokens: int =
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     model.eval()
     sums: dict[str, torch.Tensor] = {}
+    peaks: dict[str, torch.Tensor] = {}
     kept: dict[str, np.ndarray] = {}
     hooks = []
 
@@ -93,6 +101,8 @@ def input_statistics(hf_dir: Path, text: str | None = None, *, max_tokens: int =
         def record(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
             sums[name] = sums.get(name, 0) + (x.double() ** 2).sum(dim=0)
+            peak = x.abs().amax(dim=0)
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
             if keep:
                 kept[name] = x.float().numpy().copy()
 
@@ -114,6 +124,8 @@ def input_statistics(hf_dir: Path, text: str | None = None, *, max_tokens: int =
         mean_sq = (total / len(ids)).float().numpy()
         for onnx_name in onnx_names(name):
             out[onnx_name] = mean_sq  # a packed weight (qkv_proj, gate_up_proj) reads its parts' shared input
+            if maxima is not None:
+                maxima[onnx_name] = peaks[name].float().numpy()
             if x is not None and any(key in onnx_name for key in hessian_for):
                 inputs[onnx_name] = x
     return out, GramMatrices(inputs)

@@ -40,8 +40,8 @@ int4 bundle that splits it for the lm_head (``quantize._split_for_refine``) re-c
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -246,6 +246,19 @@ class GGUFTensors:
         data = np.asarray(t.data)
         n = int(t.shape[-1]) if len(t.shape) > 1 else 1  # GGUF shapes are [K, N] (fastest first)
         return data.reshape(n, -1)
+
+
+def four_bit_copies(path: Path, names) -> set[str]:
+    """The body weights among ``names`` that an int4 "fast" import keeps as exact 4-bit copies even where the
+    profile asked for 8 bits (every GGUF part a 4-bit type; ``gguf_coder``'s ``four``): re-coding them
+    (``smooth.py``) would turn them into 8-bit fits, twice the bytes."""
+    g = GGUFTensors(path)
+    out = set()
+    for name in names:
+        parts = gguf_names(name, g.tensors)
+        if parts and all(n in g.tensors and g.type_name(n) in FOUR_BIT for n in parts):
+            out.add(name)
+    return out
 
 
 def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightCoder:

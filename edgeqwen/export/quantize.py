@@ -52,6 +52,8 @@ class QuantPlan:
     vocab_refine: int = 0
     # Bits of that split vocabulary matrix: 8, or 6 (re-coded, with a 2-bit residual; not in "faithful" mode)
     vocab_bits: int = 8
+    # SmoothQuant strength for the attention input of q/k/v weights refit at 8 bits (smooth.py; 0: off)
+    smooth_alpha: float = 0.0
 
     @property
     def body_bits(self) -> int | None:
