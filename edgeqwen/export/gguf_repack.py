@@ -248,17 +248,23 @@ class GGUFTensors:
         return data.reshape(n, -1)
 
 
+def _types(g: GGUFTensors, onnx_name: str) -> list[str]:
+    """The GGUF types of the parts behind one ONNX weight ([] when any part is missing)."""
+    names = gguf_names(onnx_name, g.tensors)
+    return [g.type_name(n) for n in names] if names and all(n in g.tensors for n in names) else []
+
+
+def _four_bit_copy(types: list[str], minimum_ok: bool) -> bool:
+    """Every part a 4-bit type copied exactly at 4 bits (those with a float minimum only where offsets are ok)."""
+    return bool(types) and all(t == "Q4_0" or (t in FOUR_BIT and minimum_ok) for t in types)
+
+
 def four_bit_copies(path: Path, names) -> set[str]:
     """The body weights among ``names`` that an int4 "fast" import keeps as exact 4-bit copies even where the
-    profile asked for 8 bits (every GGUF part a 4-bit type; ``gguf_coder``'s ``four``): re-coding them
-    (``smooth.py``) would turn them into 8-bit fits, twice the bytes."""
+    profile asked for 8 bits (``gguf_coder``'s rule): re-coding them (``smooth.py``) would turn them into
+    8-bit fits, twice the bytes."""
     g = GGUFTensors(path)
-    out = set()
-    for name in names:
-        parts = gguf_names(name, g.tensors)
-        if parts and all(n in g.tensors and g.type_name(n) in FOUR_BIT for n in parts):
-            out.add(name)
-    return out
+    return {name for name in names if _four_bit_copy(_types(g, name), minimum_ok=True)}
 
 
 def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightCoder:
@@ -267,7 +273,7 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
 
     def code(name: str, w_nk: np.ndarray, bits: int, role: str) -> tuple[BlockQuantized, str]:
         names = gguf_names(name, g.tensors)
-        types = [g.type_name(n) for n in names] if names and all(n in g.tensors for n in names) else []
+        types = _types(g, name)
         faithful = plan.gguf_mode == "faithful"
         # fast mode still copies exactly what the GGUF itself kept at >= 6 bits (Q6_K, Q8_0): llama.cpp's
         # mixes (Q4_K_M, ...) put those types on the tensors its measurements found sensitive
@@ -279,7 +285,7 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
         # down_proj: exact copies gave +1.5 to +3 points of top-1 agreement for a 3% longer decode step)
         offsets_ok = role == "body"
         minimum_ok = offsets_ok and (faithful or bits == 8)
-        four = bool(types) and all(t == "Q4_0" or (t in FOUR_BIT and minimum_ok) for t in types)
+        four = _four_bit_copy(types, minimum_ok)
         keep = faithful or four or bits == 8 or sensitive
         if not faithful and not four and (bits == 8 or sensitive) and wide_8bit_block(plan, w_nk, 8, role):
             # an int4 bundle's 8-bit weights: a refit at the plan's wider block beats the exact copy, whose
