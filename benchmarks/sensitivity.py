@@ -254,9 +254,6 @@ class Harness:
                              logits.argmax(-1).numpy())
         return out
 
-    def nll(self) -> dict[str, float]:
-        return {name: v[0] for name, v in self.score().items()}
-
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -44,12 +44,6 @@ def onnx_names(hf_module: str) -> list[str]:
     return [f"model.layers.{m.group(1)}.{target}.MatMul.weight" for target in _ONNX_FOR[m.group(3)]]
 
 
-def input_importance(hf_dir: Path, text: str | None = None, *, max_tokens: int = 2048,
-                     threads: int | None = None) -> dict[str, np.ndarray]:
-    """Mean squared input activation per channel, keyed by the ONNX weight names of the builder's graph."""
-    return input_statistics(hf_dir, text, max_tokens=max_tokens, threads=threads)[0]
-
-
 class GramMatrices(Mapping):
     """ONNX weight name -> mean ``x^T x`` of its input, computed on access from the recorded inputs."""
 
