@@ -69,8 +69,8 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "vocab_bits", "smooth_alpha", "io_dtype", "context", "threads",
-    "ram_budget_mb", "provider_options",
+    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "vocab_bits", "smooth_alpha", "io_dtype",
+    "context", "threads", "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
 _MANIFEST_EXTRA_KEYS = ("source", "host")

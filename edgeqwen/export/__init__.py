@@ -360,7 +360,7 @@ def _smooths(plan, src) -> bool:
     if src.gguf_path is None:
         return True
     # a GGUF import refits its 8-bit weights only at a wider block (gguf_repack.gguf_coder); faithful never
-    return plan.gguf_mode == "fast" and bool(plan.block_size_8bit) and plan.block_size_8bit != plan.block_size
+    return plan.gguf_mode == "fast" and plan.refit_block_8bit is not None
 
 
 def _quantize_portable(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:

@@ -248,9 +248,8 @@ class GGUFTensors:
         return data.reshape(n, -1)
 
 
-def _types(g: GGUFTensors, onnx_name: str) -> list[str]:
+def _types(g: GGUFTensors, names: list[str] | None) -> list[str]:
     """The GGUF types of the parts behind one ONNX weight ([] when any part is missing)."""
-    names = gguf_names(onnx_name, g.tensors)
     return [g.type_name(n) for n in names] if names and all(n in g.tensors for n in names) else []
 
 
@@ -264,7 +263,7 @@ def four_bit_copies(path: Path, names) -> set[str]:
     profile asked for 8 bits (``gguf_coder``'s rule): re-coding them (``smooth.py``) would turn them into
     8-bit fits, twice the bytes."""
     g = GGUFTensors(path)
-    return {name for name in names if _four_bit_copy(_types(g, name), minimum_ok=True)}
+    return {name for name in names if _four_bit_copy(_types(g, gguf_names(name, g.tensors)), minimum_ok=True)}
 
 
 def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightCoder:
@@ -273,7 +272,7 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
 
     def code(name: str, w_nk: np.ndarray, bits: int, role: str) -> tuple[BlockQuantized, str]:
         names = gguf_names(name, g.tensors)
-        types = _types(g, name)
+        types = _types(g, names)
         faithful = plan.gguf_mode == "faithful"
         # fast mode still copies exactly what the GGUF itself kept at >= 6 bits (Q6_K, Q8_0): llama.cpp's
         # mixes (Q4_K_M, ...) put those types on the tensors its measurements found sensitive

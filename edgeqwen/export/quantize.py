@@ -56,6 +56,13 @@ class QuantPlan:
     smooth_alpha: float = 0.0
 
     @property
+    def refit_block_8bit(self) -> int | None:
+        """int4 bundles: the wider block their 8-bit body weights are refit at (None: they keep block_size,
+        and GGUF imports copy those weights' codes exactly)."""
+        b = self.block_size_8bit
+        return b if self.precision == "int4" and b and b != self.block_size else None
+
+    @property
     def body_bits(self) -> int | None:
         return {"int4": 4, "int8": 8}.get(self.precision)
 
@@ -123,9 +130,8 @@ def float_coder(plan: QuantPlan, importance: dict[str, np.ndarray] | None = None
 
 def wide_8bit_block(plan: QuantPlan, w_nk: np.ndarray, bits: int, role: str) -> int | None:
     """The plan's wider block for an 8-bit body weight of an int4 bundle, where it divides the row."""
-    b = plan.block_size_8bit
-    if (bits == 8 and role == "body" and plan.precision == "int4" and b and b != plan.block_size
-            and w_nk.shape[1] % b == 0):
+    b = plan.refit_block_8bit
+    if bits == 8 and role == "body" and b and w_nk.shape[1] % b == 0:
         return b
     return None
 
