@@ -7,6 +7,11 @@ system and writes JSON to benchmarks/results/.
     python benchmarks/compare.py                                  # exports what is missing, then measures
     python benchmarks/compare.py --ours bundles/x --genai path    # explicit folders
 
+The first edgeqwen row decodes one token per step (``lookup=0``): the loop against the C++ loops. The
+"+ lookup" row is the runtime's default, prompt lookup (``runtime/lookup.py``), whose gain depends on how
+much the answer repeats earlier text: little on the default licence continuation, much on a code edit
+(``--text benchmarks/code_edit_prompt.txt --new-tokens 100``: a chat prompt asking to edit a function).
+
 Systems: edgeqwen (our bundle, our runtime), onnxruntime-genai running *our* bundle (through its
 genai_config.json), onnxruntime-genai on its own builder's default int4 output from the same source,
 llama.cpp (llama-cpp-python) on the source GGUF itself (Q4_K_M), and Optimum's ORTModelForCausalLM on its
@@ -42,16 +47,20 @@ def hwm():
 kind, folder, n_prompt, n_new, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 text = open(sys.argv[6]).read()
 t0 = time.perf_counter()
-if kind == "edgeqwen":
+if kind in ("edgeqwen", "edgeqwen-lookup"):
     from edgeqwen import runtime
+    from edgeqwen.runtime.lookup import DEFAULT_MAX_DRAFT
     from edgeqwen.runtime.generate import Stats, StopRule, generate
     from edgeqwen.runtime.sampling import Sampler, SamplingParams
     m = runtime.load(folder, threads=threads)
     load = time.perf_counter() - t0
     ids = m.encode(text)[:n_prompt]
     st = Stats()
-    list(generate(m.engine, ids, Sampler(SamplingParams()), StopRule(n_new, frozenset()), st))
+    lookup = min(DEFAULT_MAX_DRAFT, m.max_lookup) if kind == "edgeqwen-lookup" else 0
+    list(generate(m.engine, ids, Sampler(SamplingParams()), StopRule(n_new, frozenset()), st, lookup=lookup))
     out = {"load_s": load, "ttft_s": st.ttft_s, "decode_tps": st.decode_tps, "prefill_tps": st.prefill_tps}
+    if kind == "edgeqwen-lookup":  # 0 drafted on bundles exported before the logits window (max_lookup 0)
+        out["lookup_accepted"] = st.accepted_tokens / max(st.drafted_tokens, 1)
 elif kind == "llama.cpp":
     import numpy as np
     from llama_cpp import Llama
@@ -179,6 +188,8 @@ def bytes_per_token(kind: str, folder: Path) -> int | None:
     """Weight bytes one decode step reads (for the bandwidth ceiling)."""
     from bandwidth import weight_bytes_per_token
 
+    if kind == "edgeqwen-lookup":  # several tokens per read of the weights: no per-token ceiling
+        return None
     try:
         if kind == "llama.cpp":
             from gguf import GGUFReader
@@ -253,7 +264,9 @@ def main() -> int:
         from edgeqwen.export import export
 
         dest = work / "edgeqwen-int4"
-        if not (dest / "edgeqwen.json").is_file():
+        manifest = dest / "edgeqwen.json"
+        stale = not manifest.is_file() or json.loads(manifest.read_text())["io"].get("logits_window", 1) < 2
+        if stale:  # missing, or exported before the logits window (no prompt lookup, no model.genai.onnx)
             export(model, "host", dest, force=True, progress=False, verify=False)
         ours = [dest]
     genai_dir = ensure_genai_default(src.hf_dir, Path(args.genai) if args.genai else work / "genai-int4")
@@ -266,6 +279,9 @@ def main() -> int:
         text_file.write_text((lic.read_text() if lic.is_file() else "") + inspect.getsource(textwrap))
 
     systems = [(f"edgeqwen {p.name}", "edgeqwen", p) for p in ours]
+    # the same bundle with prompt lookup (runtime/lookup.py, on by default in the runtime): greedy, so the
+    # same text up to kernel rounding, with drafted tokens checked in one run
+    systems.insert(1, (f"edgeqwen {ours[0].name} + lookup", "edgeqwen-lookup", ours[0]))
     systems += [(f"genai on {ours[0].name}", "genai", ours[0]), ("genai default int4", "genai", genai_dir)]
     missing: dict[str, str] = {}
     gguf = args.gguf or src.gguf_path

@@ -59,7 +59,8 @@ class GraphIO:
     logits: str = "logits"
     kv_layout: str = "batch,kv_heads,seq,head_dim"
     shared_kv_buffer: bool = True  # GQA: past and present may be one buffer, written in place
-    logits_last_only: bool = True  # the lm_head is pruned to the last position
+    logits_last_only: bool = True  # the lm_head is pruned to the last position ...
+    logits_window: int = 1  # ... or to the last n when a run has n <= logits_window tokens (prompt lookup)
     io_dtype: str = "float32"  # float32 | float16
 
 

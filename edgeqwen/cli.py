@@ -82,7 +82,7 @@ def cmd_export(args) -> int:
 
 def _gen_options(args) -> dict:
     opts = {"max_new_tokens": args.max_new_tokens}
-    for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"):
+    for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "lookup"):
         value = getattr(args, key)
         if value is not None:
             opts[key] = value
@@ -94,8 +94,13 @@ def _gen_options(args) -> dict:
 def _print_stats(stats: dict) -> None:
     print(f"\n[ttft {stats['ttft_s'] * 1000:.0f} ms | prefill {stats['prefill_tokens_per_s']:.1f} tok/s | "
           f"decode {stats['decode_tokens_per_s']:.1f} tok/s | {stats['new_tokens']} tokens | "
-          f"reused {stats['reused_tokens']} | peak RSS {stats['peak_rss_mb']:.0f} MB | {stats['provider']}]",
-          file=sys.stderr)
+          f"reused {stats['reused_tokens']} | {_lookup_stats(stats)}peak RSS {stats['peak_rss_mb']:.0f} MB | "
+          f"{stats['provider']}]", file=sys.stderr)
+
+
+def _lookup_stats(stats: dict) -> str:
+    drafted = stats.get("lookup_drafted", 0)
+    return f"lookup {stats['lookup_accepted']}/{drafted} accepted | " if drafted else ""
 
 
 def _load(args):
@@ -267,6 +272,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lookup", type=int, default=None, metavar="N",
+                   help="prompt lookup: tokens drafted per step from earlier text, 0 = off (default: 4 on bundles "
+                        "that support it)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tokens/s and peak memory")
 

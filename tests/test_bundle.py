@@ -23,7 +23,7 @@ from edgeqwen.errors import BundleError
 from edgeqwen.export import export
 
 BUNDLE_FILES = {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json", "genai_config.json"}
+                "generation_config.json", "genai_config.json", "model.genai.onnx"}
 
 
 # ------------------------------------------------------------------------------------------ the manifest
@@ -65,7 +65,29 @@ def test_genai_config_matches_the_bundle(int4_bundle: Path) -> None:
     assert context == 512  # the model's max positions cap the host profile's 4096
     assert cfg["search"]["max_length"] == context and cfg["model"]["context_length"] == context
     assert cfg["search"]["do_sample"] is False
-    assert cfg["model"]["decoder"]["filename"] == "model.onnx"
+    assert cfg["model"]["decoder"]["filename"] == "model.genai.onnx"  # last-position logits, same weights
+
+
+def test_onnxruntime_genai_runs_the_bundle_and_agrees_with_our_runtime(int4_bundle: Path) -> None:
+    """The bundle folder also runs in onnxruntime-genai (its graph variant declares one logits row)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from edgeqwen import runtime
+    from edgeqwen.runtime.generate import StopRule, generate
+    from edgeqwen.runtime.sampling import Sampler, SamplingParams
+
+    model = runtime.load(int4_bundle, threads=1)
+    ids = model.encode("the quick model runs on a small board with int4 weights, then it runs again")
+    assert len(ids) > model.manifest.io.logits_window  # the prefill is longer than the logits window
+    ours = list(generate(model.engine, ids, Sampler(SamplingParams()), StopRule(12, frozenset())))
+    genai = og.Model(og.Config(str(int4_bundle)))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=len(ids) + 12, do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = list(generator.get_sequence(0))[len(ids):]
+    assert theirs[: len(ours)] == ours
 
 
 def test_tokenizer_files_and_chat_template_travel_with_the_bundle(int4_bundle: Path, qwen2_untied: Path) -> None:

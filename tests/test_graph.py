@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from edgeqwen.bundle import read_manifest
 from edgeqwen.errors import ExportError
-from edgeqwen.export.graph import adjust_genai_config, build_fast_graph
+from edgeqwen.export.graph import LOGITS_WINDOW, adjust_genai_config, build_fast_graph
 
 LAYERS = 2
 LINEARS_PER_LAYER = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -53,7 +53,7 @@ def test_fast_float_graph_uses_the_fused_contrib_ops(fp32_bundles, kind: str) ->
 
 
 @pytest.mark.parametrize("kind", ["qwen2_tied", "qwen3"])
-def test_graph_io_matches_the_manifest_and_logits_are_last_position_only(fp32_bundles, kind: str) -> None:
+def test_graph_io_matches_the_manifest_and_logits_cover_a_window_of_last_positions(fp32_bundles, kind: str) -> None:
     bundle = fp32_bundles[kind]
     manifest = read_manifest(bundle)
     io, spec = manifest.io, manifest.spec
@@ -63,20 +63,27 @@ def test_graph_io_matches_the_manifest_and_logits_are_last_position_only(fp32_bu
     expected_inputs = {io.input_ids, io.attention_mask} | {
         name % i for i in range(spec.num_layers) for name in (io.past_key, io.past_value)}
     assert set(inputs) == expected_inputs  # positions come from the mask: no position_ids input
-    assert io.position_ids is None and io.logits_last_only
-    assert outputs[io.logits][1:] == [1, spec.vocab_size]
+    assert io.position_ids is None and io.logits_last_only and io.logits_window == LOGITS_WINDOW == 8
+    assert outputs[io.logits][1:] == ["logits_length", spec.vocab_size]
     assert inputs[io.past_key % 0][1] == spec.kv_heads
     assert set(outputs) == {io.logits} | {name % i for i in range(spec.num_layers)
                                           for name in (io.present_key, io.present_value)}
+    assert not any("prune" in n.name for n in model.graph.node)  # the builder's one-position Gather is gone
 
-    # run a 5-token prompt straight through onnxruntime: one row of logits comes out, not five
+    # straight through onnxruntime: a row per token up to the window, then only the last position's
     sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {io.input_ids: np.array([[1, 2, 3, 4, 5]], np.int64), io.attention_mask: np.ones((1, 5), np.int64)}
     empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
-    feeds |= {name % i: empty for i in range(spec.num_layers) for name in (io.past_key, io.past_value)}
-    result = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-    assert result[io.logits].shape == (1, 1, spec.vocab_size)
-    assert result[io.present_key % 0].shape == (1, spec.kv_heads, 5, spec.head_dim)
+    rows = {}
+    for n in (5, 8, 9, 12):
+        ids = np.arange(1, n + 1, dtype=np.int64)[None] % spec.vocab_size
+        feeds = {io.input_ids: ids, io.attention_mask: np.ones((1, n), np.int64)}
+        feeds |= {name % i: empty for i in range(spec.num_layers) for name in (io.past_key, io.past_value)}
+        result = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        rows[n] = result[io.logits]
+        assert result[io.present_key % 0].shape == (1, spec.kv_heads, n, spec.head_dim)
+    assert [rows[n].shape[1] for n in (5, 8, 9, 12)] == [5, 8, 1, 1]
+    # causal: the 8-token run's first five rows are the 5-token run's
+    np.testing.assert_allclose(rows[8][:, :5], rows[5], rtol=1e-4, atol=1e-4)
 
 
 def test_packed_weights_and_biases_are_the_source_weights(fp32_bundles, qwen2_untied) -> None:

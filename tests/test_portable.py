@@ -73,7 +73,8 @@ def test_manifest_and_io_of_the_portable_bundle(portable_fp32_bundles, kind):
     assert not (bundle / "genai_config.json").exists()  # onnxruntime-genai needs the contrib-op graph
     model = graph_of(bundle)
     outputs = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
-    assert outputs["logits"][1] == 1  # lm_head runs on the last position only
+    assert outputs["logits"][1] == "logits_length"  # last position only, or the last few (graph.window_logits)
+    assert manifest.io.logits_window == 8
     inputs = {i.name for i in model.graph.input}
     assert {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key"} <= inputs
 
@@ -81,6 +82,7 @@ def test_manifest_and_io_of_the_portable_bundle(portable_fp32_bundles, kind):
 def test_prefill_computes_only_the_last_position(portable_fp32_bundles):
     model = runtime.load(portable_fp32_bundles["qwen3"], threads=1)
     ids = model.encode("the quick model runs on a small board with int4 weights")
+    assert len(ids) > model.manifest.io.logits_window  # a run this long gets one row
     feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
              "position_ids": np.arange(len(ids))[None]}
     spec = model.manifest.spec

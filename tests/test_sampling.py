@@ -320,3 +320,38 @@ def test_from_generation_config_greedy_defaults_and_overrides():
         SamplingParams.from_generation_config(cfg, top_q=0.5)
     with pytest.raises(GenerationError, match="top_p"):
         SamplingParams.from_generation_config({"do_sample": True, "top_p": 0})
+
+
+# ----------------------------------------------------------------------------------- drafted tokens
+
+
+def _frequencies(params: SamplingParams, logits: np.ndarray, draft: int, n: int = 20000) -> np.ndarray:
+    sampler = Sampler(params)
+    picks = np.array([sampler.pick_or_accept(logits, draft) for _ in range(n)])
+    return np.bincount(picks, minlength=len(logits)) / n
+
+
+@pytest.mark.parametrize("draft", [0, 1, 3, 5])
+def test_accepting_a_draft_keeps_the_sampling_distribution(draft):
+    """Speculative sampling with a fixed guess: every token keeps its probability, whatever the guess."""
+    p = np.array([0.45, 0.3, 0.15, 0.07, 0.03, 0.0])
+    logits = np.log(np.maximum(p, 1e-30)).astype(np.float32)
+    freq = _frequencies(SamplingParams(temperature=1.0, top_k=0, seed=7), logits, draft)
+    np.testing.assert_allclose(freq, p, atol=0.012)  # 20,000 draws: 4 standard deviations at p = 0.45
+    assert freq[5] == 0  # a token without mass is never returned, even when it is the guess
+
+
+def test_a_draft_outside_the_filters_is_never_accepted():
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(p).astype(np.float32)
+    freq = _frequencies(SamplingParams(temperature=1.0, top_k=2, seed=3), logits, draft=2)
+    assert freq[2] == 0 and freq[3] == 0
+    np.testing.assert_allclose(freq[:2], [0.625, 0.375], atol=0.012)  # top-2, renormalised
+
+
+def test_greedy_accepts_exactly_the_argmax_and_penalties_apply():
+    logits = np.array([0.1, 2.0, 1.9, -1.0], np.float32)
+    sampler = Sampler(SamplingParams())
+    assert [sampler.pick_or_accept(logits, d) for d in range(4)] == [1, 1, 1, 1]
+    penalised = Sampler(SamplingParams(repetition_penalty=1.5), prompt_tokens=[1])
+    assert penalised.pick_or_accept(logits, 1) == 2  # 2.0 / 1.5 < 1.9: the guess loses to the penalty

@@ -183,7 +183,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     ``vocab_refine`` overrides the profile's number of lm_head candidates rescored at full precision (0: none),
     ``vocab_bits`` the bits of that refined vocabulary matrix (6 or 8), ``smooth_alpha`` the SmoothQuant
     strength for the attention input (0: off; ``smooth.py``)."""
-    from .graph import adjust_genai_config, build_fast_graph, build_portable_graph
+    from .graph import LOGITS_WINDOW, adjust_genai_config, build_fast_graph, build_portable_graph, write_genai_graph
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
@@ -233,8 +233,9 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
             generation = json.loads((tmp / "generation_config.json").read_text()) if (
                 tmp / "generation_config.json").is_file() else {}
             if portable:  # onnxruntime-genai needs its contrib-op graph; the portable bundle has no config for it
-                io = GraphIO(position_ids="position_ids", shared_kv_buffer=False)
+                io = GraphIO(position_ids="position_ids", shared_kv_buffer=False, logits_window=LOGITS_WINDOW)
             else:
+                write_genai_graph(tmp)
                 shutil.copy2(work / "genai_config.json", tmp / "genai_config.json")
                 adjust_genai_config(tmp / "genai_config.json", context=ctx, generation=generation,
                                     provider=profile.providers[0], threads=profile.threads)
@@ -275,10 +276,12 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
 def _fast_graph_io(genai_config: Path, profile: Profile) -> GraphIO:
     """The builder's graph I/O, read from its genai_config.json: the DirectML graph takes explicit
     position_ids (separate RotaryEmbedding nodes), the CPU/CUDA ones derive positions from the mask."""
+    from .graph import LOGITS_WINDOW
+
     cfg = json.loads(genai_config.read_text())
     return GraphIO(position_ids=cfg["model"]["decoder"].get("inputs", {}).get("position_ids"),
                    shared_kv_buffer=bool(cfg.get("search", {}).get("past_present_share_buffer", True)),
-                   io_dtype="float16" if profile.io_dtype == "fp16" else "float32")
+                   io_dtype="float16" if profile.io_dtype == "fp16" else "float32", logits_window=LOGITS_WINDOW)
 
 
 def _eight_bit(profile: Profile, src) -> tuple[str, ...]:

@@ -2,8 +2,8 @@
 
 The ``fast`` backend uses onnxruntime-genai's model builder, which writes the contrib-op graph the CPU/CUDA
 kernels are tuned for: GroupQueryAttention with fused rotary embedding and a KV buffer shared between past
-and present, SkipSimplifiedLayerNormalization, packed QKV, and (``prune_lm_head``) logits for the last
-position only. We ask it for a *float* graph and quantize ourselves (``quantize.py``): its int4 path is RTN
+and present, SkipSimplifiedLayerNormalization, packed QKV, and (``prune_lm_head``, widened by ``window_logits``) logits
+for the last position only. We ask it for a *float* graph and quantize ourselves (``quantize.py``): its int4 path is RTN
 and keeps the untied embedding in fp32, which is what we set out to fix. Olive's ModelBuilder pass wraps the
 same builder but fails with onnxruntime-genai 0.18 (``No module named ...quantized_model``), so we call the
 builder directly — the manifest records that.
@@ -12,7 +12,8 @@ The ``portable`` backend (CoreML, NNAPI, XNNPACK: providers without those contri
 exporter, which writes standard ONNX ops with ``past_key_values.*`` inputs and ``present.*`` outputs.
 optimum-onnx 0.1 pins transformers < 4.58 while the rest of the export needs transformers 5, so it runs in
 its own interpreter with a pinned tool folder (``OPTIMUM_PINS``, installed once under edgeqwen's cache)
-placed first on ``sys.path``. Its graph computes logits for every position; we cut it to the last one.
+placed first on ``sys.path``. Its graph computes logits for every position; ``window_logits`` cuts both
+graphs to the last one, or the last few for short runs.
 
 Both builders run in a subprocess: they load the whole torch model, and its memory should be gone before
 we quantize. Their chatty progress output goes to a log file, whose tail is shown if they fail.
@@ -78,17 +79,54 @@ def build_fast_graph(hf_dir: Path, work: Path, *, provider: str, io_dtype: str, 
         raise ExportError(f"onnxruntime-genai's model builder failed (exit {proc.returncode}). Last output:\n{tail}",
                           "check that onnxruntime-genai is installed (pip install 'edgeqwen[export]') and the "
                           "source folder holds a complete Qwen2/Qwen3 checkpoint.")
+    import onnx
+
+    model = onnx.load(str(work / "model.onnx"), load_external_data=False)
+    window_logits(model)
+    onnx.save_model(model, str(work / "model.onnx"))  # the weights stay in the builder's data file
     return GraphBuild(folder=work, backend="fast", builder=builder_version(), seconds=time.perf_counter() - t0)
 
 
+GENAI_GRAPH = "model.genai.onnx"
+
+
+def write_genai_graph(folder: Path) -> None:
+    """Write ``model.genai.onnx``: the bundle's graph with logits for the last position only, for
+    onnxruntime-genai. Same weights (it reads ``model.onnx.data``), 0.2 MB of graph.
+
+    onnxruntime-genai sizes its logits buffer from the graph's declared output shape: a fixed 1 means one row,
+    a symbolic length means one row per input token, which ``window_logits``' graph does not give for a
+    512-token prompt (onnxruntime then refuses the run). Setting the window to 0 makes every run return the
+    last row, so the output can be declared ``[batch, 1, vocab]`` again.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    limit = next((t for t in model.graph.initializer if t.name == "edgeqwen.logits_window.limit"), None)
+    if limit is None:
+        raise ExportError("The quantized graph lost its logits window (edgeqwen.logits_window.limit).",
+                          "report this: graph.window_logits and quantize.py disagree.")
+    limit.CopyFrom(numpy_helper.from_array(np.array([0], np.int64), limit.name))
+    for out in model.graph.output:
+        if out.name == "logits":
+            dim = out.type.tensor_type.shape.dim[1]
+            dim.ClearField("dim_param")
+            dim.dim_value = 1
+    onnx.save_model(model, str(folder / GENAI_GRAPH))
+
+
 def adjust_genai_config(path: Path, *, context: int, generation: dict, provider: str, threads: int) -> None:
-    """Make the builder's genai_config.json match the bundle: context, sampling defaults, provider.
+    """Make the builder's genai_config.json match the bundle: context, sampling defaults, provider, and the
+    last-position graph variant (``write_genai_graph``).
 
     onnxruntime-genai allocates its KV cache for ``search.max_length``: leaving the model's 32,768 there would
     cost ~805 MB for the 0.5B in fp32 before the first token, so it gets the bundle's context instead.
     """
     cfg = json.loads(path.read_text())
     cfg["model"]["context_length"] = context
+    cfg["model"]["decoder"]["filename"] = GENAI_GRAPH
     search = cfg.setdefault("search", {})
     search["max_length"] = context
     for key in ("temperature", "top_p", "top_k", "repetition_penalty", "do_sample"):
@@ -141,7 +179,7 @@ def optimum_tool_dir(progress: bool = True) -> Path:
 
 
 def build_portable_graph(hf_dir: Path, work: Path, *, progress: bool = True) -> GraphBuild:
-    """Optimum's standard-op export of ``hf_dir`` into ``work/model.onnx``, cut to last-position logits."""
+    """Optimum's standard-op export of ``hf_dir`` into ``work/model.onnx``, logits cut to ``window_logits``."""
     import onnx
 
     tools = optimum_tool_dir(progress)
@@ -161,40 +199,71 @@ def build_portable_graph(hf_dir: Path, work: Path, *, progress: bool = True) -> 
                           "check that the source folder holds a complete Qwen2/Qwen3 checkpoint; delete "
                           f"{tools} to reinstall the exporter's tools.")
     model = onnx.load(str(raw / "model.onnx"), load_external_data=False)
-    prune_to_last_position(model)
+    window_logits(model)
     # Keep the weights where Optimum wrote them: the quantizer reads them from there with np.memmap.
     onnx.save_model(model, str(raw / "model.onnx"))
     builder = f"{OPTIMUM_PINS[0]} exporter (standard ops), in a pinned tool folder"
     return GraphBuild(folder=raw, backend="portable", builder=builder, seconds=time.perf_counter() - t0)
 
 
-def prune_to_last_position(model) -> None:
-    """Make ``logits`` cover the last position only (``[batch, 1, vocab]``).
+# Runs of up to this many tokens get logits for every position; longer ones (prefill chunks) only for the
+# last. The decode loop's prompt lookup (runtime/lookup.py) verifies a few drafted tokens in one run and needs
+# a row for each; a prefill chunk needs one row, not 128 x 151,936 logits.
+LOGITS_WINDOW = 8
 
-    Optimum's graph applies lm_head to every position: a 512-token prompt would cost 512 x 151,936 logits
-    (311 MB in fp32) that the decode loop throws away. A Slice on the hidden states before the lm_head
-    MatMul removes that work; the fast backend gets the same from the builder's ``prune_lm_head``.
+
+def window_logits(model, window: int = LOGITS_WINDOW) -> None:
+    """Make ``logits`` cover the last ``n`` positions of a run of ``n`` tokens when ``n <= window``, else
+    the last position only (``[batch, n or 1, vocab]``).
+
+    Both builders' graphs arrive computing more than that: Optimum's applies lm_head to every position (a
+    512-token prompt would cost 311 MB of fp32 logits the loop throws away), and onnxruntime-genai's
+    ``prune_lm_head`` keeps exactly one (a Gather of position -1), which leaves nothing to check drafted
+    tokens against. A Slice of the hidden states before the lm_head MatMul, whose start is computed from
+    the run's length, serves both: ``-n`` when ``n <= window``, else ``-1``.
     """
     import numpy as np
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    head = next((n for n in graph.node if "logits" in n.output and n.op_type == "MatMul"), None)
-    if head is None:
-        raise ExportError("The exported graph has no MatMul producing 'logits'; Optimum's output changed.",
-                          "report this with the optimum-onnx version; pin the one in OPTIMUM_PINS.")
-    consts = [numpy_helper.from_array(np.array([v], np.int64), f"edgeqwen.last_pos.{k}")
-              for k, v in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", 1))]
-    graph.initializer.extend(consts)
-    sliced = head.input[0] + "/edgeqwen_last_position"
-    node = helper.make_node("Slice", [head.input[0], *(c.name for c in consts)], [sliced],
-                            name="edgeqwen/last_position")
-    head.input[0] = sliced
-    nodes = list(graph.node)
-    nodes.insert(nodes.index(head), node)
+    producers = {o: n for n in graph.node for o in n.output}
+    head = producers.get("logits")
+    while head is not None and head.op_type == "Cast":  # fp16 graphs may cast the logits
+        head = producers.get(head.input[0])
+    if head is None or head.op_type != "MatMul":
+        raise ExportError("The exported graph has no MatMul producing 'logits'; the graph builder's output changed.",
+                          "report this with the onnxruntime-genai / optimum-onnx versions; pin the documented ones.")
+    hidden, dropped = head.input[0], []
+    unsqueeze = producers.get(hidden)
+    if unsqueeze is not None and unsqueeze.op_type == "Unsqueeze" and "prune" in unsqueeze.name:
+        gather = producers.get(unsqueeze.input[0])  # the builder's prune_lm_head: Gather(hidden, -1) + Unsqueeze
+        if gather is None or gather.op_type != "Gather":
+            raise ExportError(f"Unexpected lm_head pruning in the builder's graph ({unsqueeze.name}).",
+                              "report this with the onnxruntime-genai version; pin the documented one.")
+        hidden, dropped = gather.input[0], [gather, unsqueeze]
+    p = "edgeqwen.logits_window"
+    consts = {f"{p}.{k}": np.array([v], np.int64) for k, v in (
+        ("limit", window), ("one", 1), ("ends", np.iinfo(np.int64).max), ("axes", 1))}
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    nodes = [
+        helper.make_node("Shape", [hidden], [f"{p}/shape"], name=f"{p}/Shape", start=1, end=2),
+        helper.make_node("LessOrEqual", [f"{p}/shape", f"{p}.limit"], [f"{p}/all"], name=f"{p}/LessOrEqual"),
+        helper.make_node("Where", [f"{p}/all", f"{p}/shape", f"{p}.one"], [f"{p}/count"], name=f"{p}/Where"),
+        helper.make_node("Neg", [f"{p}/count"], [f"{p}/starts"], name=f"{p}/Neg"),
+        helper.make_node("Slice", [hidden, f"{p}/starts", f"{p}.ends", f"{p}.axes"], [f"{p}/hidden"],
+                         name=f"{p}/Slice"),
+    ]
+    head.input[0] = f"{p}/hidden"
+    gone = {o for n in dropped for o in n.output}  # their shapes said "one position"
+    infos = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    kept = [n for n in graph.node if n not in dropped]
+    at = kept.index(head)
     del graph.node[:]
-    graph.node.extend(nodes)
+    graph.node.extend(kept[:at] + nodes + kept[at:])
     for out in graph.output:
         if out.name == "logits":
-            out.type.tensor_type.shape.dim[1].ClearField("dim_param")
-            out.type.tensor_type.shape.dim[1].dim_value = 1
+            dim = out.type.tensor_type.shape.dim[1]
+            dim.ClearField("dim_value")
+            dim.dim_param = "logits_length"

@@ -19,6 +19,7 @@ from ..bundle import Manifest, load_bundle
 from ..errors import BundleError, ContextOverflowError, GenerationError
 from .chat import ChatTemplate, Reply, ToolCall, parse_reply
 from .generate import DEFAULT_PREFILL_CHUNK, Engine, Stats, StopRule, generate
+from .lookup import DEFAULT_MAX_DRAFT
 from .sampling import Sampler, SamplingParams
 from .session import choose_provider, create_session
 from .text import IncrementalDetokenizer, StopMatcher
@@ -124,7 +125,8 @@ class Model:
 
         Options: max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, seed, stop (str or list of str), stop_token_ids, tools, enable_thinking,
-        truncate ("error" | "left"). Unset sampling options come from the bundle's generation_config.json.
+        truncate ("error" | "left"), lookup (tokens drafted per step from earlier text, 0 = off; see
+        ``lookup.py``). Unset sampling options come from the bundle's generation_config.json.
         """
         sink = _Sink()
         for _ in self._run(prompt, options, sink):
@@ -149,12 +151,13 @@ class Model:
         tools = opts.pop("tools", None)
         thinking = opts.pop("enable_thinking", None)
         truncate = opts.pop("truncate", "error")
+        lookup = self._lookup(opts.pop("lookup", None))
         sampling_keys = {"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
                          "frequency_penalty", "seed"}
         unknown = set(opts) - sampling_keys
         if unknown:
             raise GenerationError(f"Unknown generation option(s): {', '.join(sorted(unknown))}.",
-                                  f"use max_new_tokens, stop, stop_token_ids, tools, enable_thinking, truncate, "
+                                  f"use max_new_tokens, stop, stop_token_ids, tools, enable_thinking, truncate, lookup, "
                                   f"or {', '.join(sorted(sampling_keys))}.")
         if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
             raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new!r}.",
@@ -176,7 +179,8 @@ class Model:
         tokens: list[int] = []
         parts: list[str] = []
         finish = "length"
-        for token in generate(self.engine, ids, Sampler(params, ids), StopRule(max_new, stop_set), stats):
+        for token in generate(self.engine, ids, Sampler(params, ids), StopRule(max_new, stop_set), stats,
+                              lookup=lookup):
             tokens.append(token)
             piece, hit = detok.add(token), False
             if matcher is not None:
@@ -205,6 +209,33 @@ class Model:
             sink.result.text, sink.result.reasoning = reply.content, reply.reasoning
             sink.result.tool_calls, sink.result.errors = reply.tool_calls, reply.errors
         self.last_result = sink.result
+
+    @property
+    def max_lookup(self) -> int:
+        """The most drafted tokens one step can check: the graph's logits window minus the token itself."""
+        return self.engine.window - 1
+
+    def _lookup(self, lookup: Any) -> int:
+        """The prompt-lookup draft length to use: the caller's, validated, or the default.
+
+        On by default where it is cheap: a bundle whose graph gives a logits row per drafted token and
+        whose KV buffer rewinds in place (the fast graph). The portable graph's cache rewinds by copying,
+        so there it runs only when asked for.
+        """
+        most = self.max_lookup
+        if lookup is None:
+            return min(DEFAULT_MAX_DRAFT, most) if self.manifest.io.shared_kv_buffer else 0
+        if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+            raise GenerationError(f"lookup must be an integer >= 0 (drafted tokens per step), got {lookup!r}.",
+                                  f"pass lookup=0 to turn prompt lookup off, or up to {max(most, 1)}.")
+        if lookup > most:
+            if most == 0:
+                raise GenerationError(f"lookup={lookup}: this bundle's graph returns logits for one position "
+                                      "only, so drafted tokens cannot be checked.",
+                                      "re-export the bundle with this edgeqwen version, or pass lookup=0.")
+            raise GenerationError(f"lookup={lookup} is above this bundle's limit of {most} drafted tokens per step.",
+                                  f"pass lookup between 0 and {most}.")
+        return lookup
 
     def _fit(self, ids: list[int], max_new: int, truncate: str) -> list[int]:
         budget = self.context - max_new

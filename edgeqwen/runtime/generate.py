@@ -23,6 +23,7 @@ import onnxruntime as ort
 from ..bundle import Manifest
 from ..errors import ContextOverflowError, GenerationError
 from .kv_cache import ConcatKVCache, KVCache
+from .lookup import DraftLength, NgramIndex
 from .sampling import Sampler
 
 
@@ -34,7 +35,9 @@ class Stats:
     ttft_s: float = 0.0  # from the call to the first generated token
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # tokens picked from decode runs' logits
+    drafted_tokens: int = 0  # prompt lookup: guesses checked ...
+    accepted_tokens: int = 0  # ... and taken
 
     @property
     def prefill_tps(self) -> float:
@@ -48,7 +51,8 @@ class Stats:
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "reused_tokens": self.reused_tokens,
                 "new_tokens": self.new_tokens, "ttft_s": round(self.ttft_s, 4),
-                "prefill_tokens_per_s": round(self.prefill_tps, 2), "decode_tokens_per_s": round(self.decode_tps, 2)}
+                "prefill_tokens_per_s": round(self.prefill_tps, 2), "decode_tokens_per_s": round(self.decode_tps, 2),
+                "lookup_drafted": self.drafted_tokens, "lookup_accepted": self.accepted_tokens}
 
 
 # Prompt tokens per prefill run. Activations (and onnxruntime's int8 copies of them) scale with the chunk;
@@ -74,15 +78,20 @@ class Engine:
         self.binding = session.io_binding()
         self._positions = np.arange(context, dtype=np.int64)[None, :]
         self._mask = np.ones((1, context), dtype=np.int64)
-        self._logits = np.zeros((1, 1, spec.vocab_size), dtype=dtype)
-        self._logits_ort = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        # runs of up to ``window`` tokens return a logits row per token (prompt lookup verifies drafts with them)
+        self.window = max(1, io.logits_window) if io.logits_last_only else context
+        self._logits = np.zeros((1, self.window if io.logits_last_only else 1, spec.vocab_size), dtype=dtype)
+        self._bound_rows = 0
         self._step_ids = np.zeros((1, 1), dtype=np.int64)
         self._step_ids_ort = ort.OrtValue.ortvalue_from_numpy(self._step_ids)
-        if io.logits_last_only:
-            self.binding.bind_ortvalue_output(io.logits, self._logits_ort)
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         """Run ``ids`` ([1, n]) after the cached tokens; return the last position's logits row (float32)."""
+        return self._run(ids)[-1].astype(np.float32, copy=False)
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` ([1, n]) after the cached tokens; return the logits rows the graph gives ([n or 1, V],
+        a view valid until the next run): one per token for ``n <= window``, else the last one."""
         n = ids.shape[1]
         past, total = self.cache.length, self.cache.length + n
         b = self.binding
@@ -97,13 +106,17 @@ class Engine:
             b.bind_cpu_input(self.io.position_ids, self._positions[:, past:total])
         if not self.io.logits_last_only:
             b.bind_output(self.io.logits, "cpu")
+        else:
+            rows = n if n <= self.window else 1
+            if rows != self._bound_rows:  # the rows are the first ones of one preallocated buffer
+                b.bind_output(self.io.logits, "cpu", 0, self._logits.dtype, [1, rows, self.spec.vocab_size],
+                              self._logits.ctypes.data)
+                self._bound_rows = rows
         self.session.run_with_iobinding(b)
         self.cache.advance(n)
         if self.io.logits_last_only:
-            row = self._logits[0, 0]
-        else:
-            row = b.get_outputs()[0].numpy()[0, -1]
-        return row.astype(np.float32, copy=False)
+            return self._logits[0, : self._bound_rows]
+        return b.get_outputs()[0].numpy()[0]
 
     def reset(self) -> None:
         self.cache.reset()
@@ -150,6 +163,28 @@ def decode_one(engine: Engine, token: int) -> np.ndarray:
     return logits
 
 
+def decode_draft(engine: Engine, token: int, draft: Sequence[int]) -> np.ndarray:
+    """Append ``token`` and the drafted guesses after it in one run (prompt lookup).
+
+    Returns ``len(draft) + 1`` logits rows: row i is what ``decode_one`` would give after ``draft[:i]``. The
+    caller keeps the agreeing prefix with ``rewind``. One run costs little more than one token (the
+    weights are read once), so each accepted guess is a step saved.
+    """
+    ids = [int(token), *draft]
+    if engine.cache.length + len(ids) > engine.context:
+        raise ContextOverflowError(f"The conversation reached the context length ({engine.context} tokens).",
+                                   "start a new conversation, or load with a larger context=.")
+    rows = engine._run(np.asarray([ids], dtype=np.int64))
+    engine.tokens.extend(ids)
+    return rows
+
+
+def rewind(engine: Engine, length: int) -> None:
+    """Forget everything after the first ``length`` cached tokens (rejected guesses)."""
+    engine.cache.rewind(length)
+    del engine.tokens[length:]
+
+
 @dataclass
 class StopRule:
     max_new_tokens: int = 256
@@ -157,11 +192,17 @@ class StopRule:
 
 
 def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: StopRule,
-             stats: Stats | None = None) -> Iterator[int]:
+             stats: Stats | None = None, *, lookup: int = 0) -> Iterator[int]:
     """Yield generated token ids; stops on a stop token (not yielded) or after max_new_tokens.
 
+    ``lookup`` > 0 drafts up to that many tokens per step from earlier text (``lookup.py``) and checks them
+    in the same run; the sampler accepts or replaces each (``Sampler.pick_or_accept``), so greedy output is
+    the plain run's tokens (up to the kernels' rounding, which differs between one-row and multi-row runs on
+    int8-activation bundles) and sampled output has the same distribution. Each run gives ``rows``, the
+    logits to pick from: one per drafted token plus one.
+
     The caller may stop iterating at any time (stop strings, a disconnected client): the cache then holds
-    exactly the tokens it has seen, so the next prefill reuses them.
+    only tokens it was given, so the next prefill reuses them.
     """
     stats = stats if stats is not None else Stats()
     if len(prompt) + rule.max_new_tokens > engine.context:
@@ -170,20 +211,42 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
             f"length ({engine.context}).", "lower max_new_tokens, shorten the prompt, or load with a larger "
             "context= (up to the bundle's context length), or pass truncate='left'.")
     t0 = time.perf_counter()
-    logits = prefill(engine, prompt, stats)
-    t_decode = 0.0
-    for i in range(rule.max_new_tokens):
-        token = sampler.pick(logits)
-        if i == 0:
-            stats.ttft_s = time.perf_counter() - t0
-        if token in rule.stop_token_ids:
+    rows, draft = prefill(engine, prompt, stats)[None, :], []
+    length = DraftLength(min(lookup, engine.window - 1))
+    index = NgramIndex(prompt) if length.maximum > 0 else None
+    t_decode, from_decode = 0.0, False
+    while True:
+        picked, stopped = [], False
+        for i, row in enumerate(rows):  # row i checks draft[i]; the first disagreement ends the run
+            token = sampler.pick_or_accept(row, draft[i]) if i < len(draft) else sampler.pick(row)
+            if stats.new_tokens == 0 and not picked:
+                stats.ttft_s = time.perf_counter() - t0
+            if from_decode:
+                stats.decode_steps += 1
+            if token in rule.stop_token_ids:
+                stopped = True
+                break
+            sampler.observe(token)
+            picked.append(token)
+            if stats.new_tokens + len(picked) == rule.max_new_tokens or i >= len(draft) or token != draft[i]:
+                break
+        if draft:  # the run cached the previous token and every guess: keep the guesses that were taken
+            accepted = common_prefix(picked, draft)
+            rewind(engine, engine.cache.length - len(draft) + accepted)
+            length.update(len(draft), accepted)
+            stats.drafted_tokens += len(draft)
+            stats.accepted_tokens += accepted
+        for token in picked:
+            stats.new_tokens += 1
+            if index is not None:
+                index.append(token)
+            yield token
+        if stopped or stats.new_tokens >= rule.max_new_tokens:
             break
-        sampler.observe(token)
-        stats.new_tokens += 1
-        yield token
-        if i + 1 == rule.max_new_tokens:
-            break
+        room = min(length.current, rule.max_new_tokens - stats.new_tokens - 1,
+                   engine.context - engine.cache.length - 1)
+        draft = index.propose(room) if index is not None else []
         t1 = time.perf_counter()
-        logits = decode_one(engine, token)
+        rows = decode_draft(engine, picked[-1], draft) if draft else decode_one(engine, picked[-1])[None, :]
         t_decode += time.perf_counter() - t1
-        stats.decode_s, stats.decode_steps = t_decode, stats.decode_steps + 1
+        stats.decode_s, from_decode = t_decode, True

@@ -322,6 +322,44 @@ class Sampler:
         """The next token id for one row of logits (shape [V])."""
         if self._argmax_only:
             return int(np.argmax(logits))
+        row, ids = self._candidates(logits)
+        if ids is _GREEDY:
+            return int(np.argmax(row))
+        j = _draw(row, self._rng)
+        return j if ids is None else int(ids[j])
+
+    def pick_or_accept(self, logits: np.ndarray, draft: int) -> int:
+        """The next token, given a drafted guess for it (prompt lookup): the draft when it is accepted.
+
+        Greedy: the draft is accepted exactly when it is the argmax, so the text is the one ``pick`` gives.
+        Sampling: accepted with probability p(draft), else a token drawn from p with the draft removed and
+        the rest renormalised. P(token = x) is then p(x) for every x: speculative sampling with a
+        deterministic draft, so the output follows the same distribution as ``pick`` (another random
+        stream, so a seed replays lookup runs and plain runs each, not one as the other).
+        """
+        if self._argmax_only:
+            return int(np.argmax(logits))
+        row, ids = self._candidates(logits)
+        if ids is _GREEDY:
+            return int(np.argmax(row))
+        probs = softmax(row).astype(np.float64)
+        at = np.flatnonzero(ids == draft) if ids is not None else (np.array([draft]) if 0 <= draft < len(row) else ())
+        p_draft = float(probs[at[0]]) if len(at) else 0.0
+        if p_draft > 0 and self._rng.random() < p_draft:
+            return int(draft)
+        if len(at):
+            probs[at[0]] = 0.0
+        total = probs.sum()
+        if total <= 0:  # the draft held all the mass yet was rejected: only float rounding gets here
+            return int(draft)
+        cdf = np.cumsum(probs)
+        j = int(np.searchsorted(cdf, self._rng.random() * total, side="right"))
+        j = min(j, int(np.flatnonzero(probs)[-1]))
+        return j if ids is None else int(ids[j])
+
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Penalised, tempered and filtered logits, with the vocabulary ids of their entries (None: all V;
+        ``_GREEDY``: temperature 0, so only the argmax of the penalised row matters)."""
         if logits.ndim != 1:
             raise GenerationError(
                 f"Sampler.pick expects one row of logits (shape [V]); got shape {logits.shape}.",
@@ -336,7 +374,7 @@ class Sampler:
                 row, self._generated.ids, self._generated.counts, p.presence_penalty, p.frequency_penalty
             )
         if p.greedy:
-            return int(np.argmax(row))
+            return row, _GREEDY
 
         # Shift so the maximum is 0 before dividing: no filter cares about the shift, and a tiny
         # temperature then sends the rest to -inf instead of overflowing. The clamp keeps float32
@@ -353,5 +391,7 @@ class Sampler:
             if keep is not None:
                 row = row[keep]
                 ids = keep if ids is None else ids[keep]
-        j = _draw(row, self._rng)
-        return j if ids is None else int(ids[j])
+        return row, ids
+
+
+_GREEDY = np.empty(0, dtype=np.int64)  # marker returned by Sampler._candidates for temperature 0

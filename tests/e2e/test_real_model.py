@@ -118,6 +118,46 @@ def test_three_turn_prefix_reuse_matches_full_prefill(bundles, kind):
         assert margin < 1.0, f"runs parted at token {k} with a logit margin of {margin:.2f}"
 
 
+CODE_TO_EDIT = '''def moving_average(values, window):
+    if window <= 0:
+        raise ValueError("window must be positive")
+    out = []
+    total = 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            out.append(total / window)
+    return out
+'''
+
+
+def test_prompt_lookup_speeds_up_a_code_edit_without_changing_the_greedy_answer(bundles):
+    """The answer repeats the pasted code, so drafted tokens get accepted; greedy text stays the model's.
+
+    A drafted run checks several tokens in one multi-row MatMulNBits call, whose int8 activation rounding
+    differs from a one-token step's (as for prefill, above): the two runs may part at a near-tie only.
+    """
+    from edgeqwen.runtime.generate import prefill
+
+    model = runtime.load(bundles["int4"])
+    messages = [{"role": "user", "content": "Add type hints to this function. Reply with the whole function "
+                 "in one code block.\n\n```python\n" + CODE_TO_EDIT + "```"}]
+    plain = model.generate(messages, max_new_tokens=96, temperature=0, lookup=0)
+    drafted = model.generate(messages, max_new_tokens=96, temperature=0)  # lookup is on by default
+    assert plain.stats["lookup_drafted"] == 0
+    assert drafted.stats["lookup_accepted"] >= 30, drafted.stats  # most of the function came from the prompt
+    assert "def moving_average(" in drafted.text and "total -= values[i - window]" in drafted.text
+    k = next((i for i, (a, b) in enumerate(zip(plain.tokens, drafted.tokens)) if a != b), None)
+    if k is not None:
+        prompt = model.prompt_tokens(messages)
+        model.reset()
+        logits = prefill(model.engine, prompt + plain.tokens[:k]).copy()
+        margin = abs(float(logits[plain.tokens[k]]) - float(logits[drafted.tokens[k]]))
+        assert margin < 1.0, f"runs parted at token {k} with a logit margin of {margin:.2f}"
+
+
 def test_memory_follows_the_conversation(bundles):
     """After a short chat the KV cache is a few MB, not the 805 MB a full 32k preallocation costs."""
     code = (
