@@ -4,6 +4,8 @@ Runtime-only (works with the lean install on a board). The prompt is real text s
 (English prose and Python source, cycled if a longer prompt is asked for), cut to exactly
 ``prompt_tokens``; every run starts from an empty cache so prefill is measured whole, and generation
 ignores end-of-sequence tokens so each run decodes exactly ``new_tokens``. One warm-up run is discarded.
+Decoding is one token per step (prompt lookup off), like llama-bench's: the figure is the hardware's, not
+how much a given answer repeats its prompt (``runtime/lookup.py``, benchmarks/README.md).
 """
 
 from __future__ import annotations

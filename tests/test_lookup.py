@@ -53,6 +53,8 @@ def test_draft_length_grows_on_full_acceptance_and_shrinks_to_what_was_taken():
     for _ in range(5):
         length.update(drafted=length.current, accepted=length.current)
     assert length.current == 4  # capped
+    length.update(drafted=1, accepted=1)  # a short draft (the match ended) taken whole: no reason to shrink
+    assert length.current == 4
 
 
 def _run(model: runtime.Model, ids: list[int], n: int, lookup: int, params: SamplingParams | None = None):
@@ -75,13 +77,56 @@ def test_greedy_with_lookup_gives_the_plain_tokens_and_cache(request, backend: s
     assert drafted == plain
     assert stats.accepted_tokens > 0 and stats.drafted_tokens > stats.accepted_tokens  # both paths ran
     assert stats.new_tokens == 48 and stats.decode_steps == 47
-    # the cache holds exactly the tokens the engine lists (rejected guesses rewound), and continues as plain
+    # rejected guesses were rewound: the cache holds what a plain run's does (all but the last token), and
+    # continues exactly as the plain run
     engine = model.engine
-    assert engine.tokens == (ids + drafted)[: len(engine.tokens)] and engine.cache.length == len(engine.tokens)
-    if len(engine.tokens) == len(ids) + len(drafted):
-        engine.cache.rewind(len(engine.tokens) - 1)
-        del engine.tokens[-1]
+    assert engine.tokens == ids + drafted[:-1] and engine.cache.length == len(engine.tokens)
     np.testing.assert_allclose(decode_one(engine, drafted[-1]), next_plain, atol=1e-4, rtol=0)
+
+
+def test_stop_tokens_and_max_new_tokens_inside_drafted_runs(fp32_bundles) -> None:
+    model = runtime.load(fp32_bundles["qwen3"], threads=1)
+    ids = model.encode(LOOPING["qwen3"])
+    plain, _ = _run(model, ids, 40, lookup=0)
+    for n in range(1, 40, 3):  # the cap falls at every position of the drafted runs
+        tokens, stats = _run(model, ids, n, lookup=4)
+        assert tokens == plain[:n] and stats.new_tokens == n
+        assert model.engine.tokens == ids + plain[: n - 1]
+    for stop in dict.fromkeys(plain):  # each distinct token as the stop token, guessed ones included
+        k = plain.index(stop)
+        model.reset()
+        tokens = list(generate(model.engine, ids, Sampler(SamplingParams()), StopRule(40, frozenset([stop])),
+                               lookup=4))
+        assert tokens == plain[:k], stop
+        assert model.engine.tokens == (ids + plain)[: len(model.engine.tokens)]
+        assert model.engine.cache.length == len(model.engine.tokens) >= len(ids) + k - 1
+
+
+def test_a_consumer_that_stops_early_leaves_a_reusable_cache(fp32_bundles) -> None:
+    model = runtime.load(fp32_bundles["qwen3"], threads=1)
+    ids = model.encode(LOOPING["qwen3"])
+    plain, _ = _run(model, ids, 30, lookup=0)
+    model.reset()
+    stream = generate(model.engine, ids, Sampler(SamplingParams()), StopRule(30, frozenset()), lookup=4)
+    head = [next(stream) for _ in range(13)]
+    stream.close()  # e.g. a stop string matched, or the client went away
+    assert head == plain[:13]
+    cached = model.engine.tokens
+    assert cached == (ids + plain)[: len(cached)] and len(cached) >= len(ids) + 12
+    stats = Stats()
+    rest = list(generate(model.engine, ids + head, Sampler(SamplingParams()), StopRule(17, frozenset()), stats))
+    assert rest == plain[13:] and stats.reused_tokens == len(ids) + 12
+
+
+def test_penalties_see_accepted_guesses_in_order(fp32_bundles) -> None:
+    """Greedy with repetition/presence penalties: each pick's penalties include the guesses accepted before it
+    in the same run, so the tokens equal a plain run's."""
+    model = runtime.load(fp32_bundles["qwen2_tied"], threads=1)
+    ids = model.encode(LOOPING["qwen2_tied"])
+    params = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5)
+    plain, _ = _run(model, ids, 40, lookup=0, params=params)
+    drafted, stats = _run(model, ids, 40, lookup=4, params=params)
+    assert drafted == plain and stats.drafted_tokens > 0
 
 
 def test_lookup_is_on_by_default_for_the_fast_graph_only(fp32_bundles, portable_fp32_bundles) -> None:

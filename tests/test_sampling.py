@@ -349,6 +349,29 @@ def test_a_draft_outside_the_filters_is_never_accepted():
     np.testing.assert_allclose(freq[:2], [0.625, 0.375], atol=0.012)  # top-2, renormalised
 
 
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, top_p=0.7, seed=5),
+    SamplingParams(temperature=1.3, min_p=0.1, seed=6),
+    SamplingParams(temperature=0.9, top_k=4, top_p=0.9, repetition_penalty=1.4, presence_penalty=0.3, seed=8),
+], ids=["top_p", "min_p", "penalties+filters"])
+@pytest.mark.parametrize("draft", [1, 4, -1, 99])
+def test_accepting_a_draft_matches_pick_under_every_filter(params, draft):
+    """pick_or_accept's frequencies equal pick's for the same row and history (drafts off the vocabulary too)."""
+    logits = np.array([2.0, 1.6, 1.5, 0.9, 0.4, -0.3, -1.0, 0.0], np.float32)
+    seen = [1, 3]
+
+    def frequencies(fn) -> np.ndarray:
+        sampler = Sampler(params, prompt_tokens=seen)
+        for t in seen:
+            sampler.observe(t)
+        return np.bincount([fn(sampler) for _ in range(20000)], minlength=len(logits)) / 20000
+
+    expected = frequencies(lambda s: s.pick(logits))
+    got = frequencies(lambda s: s.pick_or_accept(logits, draft))
+    np.testing.assert_allclose(got, expected, atol=0.015)
+    assert set(np.flatnonzero(got)) <= set(np.flatnonzero(expected))  # filtered tokens stay out
+
+
 def test_greedy_accepts_exactly_the_argmax_and_penalties_apply():
     logits = np.array([0.1, 2.0, 1.9, -1.0], np.float32)
     sampler = Sampler(SamplingParams())

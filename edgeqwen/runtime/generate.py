@@ -23,7 +23,7 @@ import onnxruntime as ort
 from ..bundle import Manifest
 from ..errors import ContextOverflowError, GenerationError
 from .kv_cache import ConcatKVCache, KVCache
-from .lookup import DraftLength, NgramIndex
+from .lookup import MAX_DRAFT, DraftLength, NgramIndex
 from .sampling import Sampler
 
 
@@ -176,7 +176,7 @@ def decode_draft(engine: Engine, token: int, draft: Sequence[int]) -> np.ndarray
                                    "start a new conversation, or load with a larger context=.")
     rows = engine._run(np.asarray([ids], dtype=np.int64))
     engine.tokens.extend(ids)
-    return rows
+    return rows.astype(np.float32, copy=False)  # fp16 graphs: the sampler works in float32, as decode_one
 
 
 def rewind(engine: Engine, length: int) -> None:
@@ -201,8 +201,9 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
     int8-activation bundles) and sampled output has the same distribution. Each run gives ``rows``, the
     logits to pick from: one per drafted token plus one.
 
-    The caller may stop iterating at any time (stop strings, a disconnected client): the cache then holds
-    only tokens it was given, so the next prefill reuses them.
+    The caller may stop iterating at any time (stop strings, a disconnected client): ``engine.tokens`` always
+    lists what the cache holds (the tokens given so far, perhaps a few accepted guesses beyond them), so the
+    next prefill keeps the common prefix and reruns only the rest.
     """
     stats = stats if stats is not None else Stats()
     if len(prompt) + rule.max_new_tokens > engine.context:
@@ -210,16 +211,18 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
             f"Prompt ({len(prompt)} tokens) + max_new_tokens ({rule.max_new_tokens}) exceeds the context "
             f"length ({engine.context}).", "lower max_new_tokens, shorten the prompt, or load with a larger "
             "context= (up to the bundle's context length), or pass truncate='left'.")
+    if rule.max_new_tokens <= 0:
+        return
     t0 = time.perf_counter()
     rows, draft = prefill(engine, prompt, stats)[None, :], []
-    length = DraftLength(min(lookup, engine.window - 1))
-    index = NgramIndex(prompt) if length.maximum > 0 else None
-    t_decode, from_decode = 0.0, False
+    length = DraftLength(min(lookup, engine.window - 1, MAX_DRAFT))
+    index: NgramIndex | None = None
+    produced, t_decode, from_decode = 0, 0.0, False
     while True:
         picked, stopped = [], False
         for i, row in enumerate(rows):  # row i checks draft[i]; the first disagreement ends the run
             token = sampler.pick_or_accept(row, draft[i]) if i < len(draft) else sampler.pick(row)
-            if stats.new_tokens == 0 and not picked:
+            if produced == 0 and not picked:
                 stats.ttft_s = time.perf_counter() - t0
             if from_decode:
                 stats.decode_steps += 1
@@ -228,7 +231,7 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
                 break
             sampler.observe(token)
             picked.append(token)
-            if stats.new_tokens + len(picked) == rule.max_new_tokens or i >= len(draft) or token != draft[i]:
+            if produced + len(picked) == rule.max_new_tokens or i >= len(draft) or token != draft[i]:
                 break
         if draft:  # the run cached the previous token and every guess: keep the guesses that were taken
             accepted = common_prefix(picked, draft)
@@ -236,15 +239,19 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
             length.update(len(draft), accepted)
             stats.drafted_tokens += len(draft)
             stats.accepted_tokens += accepted
+        if index is None and length.maximum > 0:  # built after the first token, outside the TTFT
+            index = NgramIndex(prompt)
         for token in picked:
+            produced += 1
             stats.new_tokens += 1
             if index is not None:
                 index.append(token)
             yield token
-        if stopped or stats.new_tokens >= rule.max_new_tokens:
+        if stopped or produced >= rule.max_new_tokens:
             break
-        room = min(length.current, rule.max_new_tokens - stats.new_tokens - 1,
-                   engine.context - engine.cache.length - 1)
+        # at most max_new - produced - 1 guesses: the run's last pick is then never a guess, so the token
+        # that ends the generation is never in the cache, as in a plain run
+        room = min(length.current, rule.max_new_tokens - produced - 1, engine.context - engine.cache.length - 1)
         draft = index.propose(room) if index is not None else []
         t1 = time.perf_counter()
         rows = decode_draft(engine, picked[-1], draft) if draft else decode_one(engine, picked[-1])[None, :]

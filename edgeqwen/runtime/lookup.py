@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-DEFAULT_MAX_DRAFT = 4  # guesses per step; the graph returns logits for up to 8 positions (LOGITS_WINDOW)
+DEFAULT_MAX_DRAFT = 4  # guesses per step
+MAX_DRAFT = 7  # the exported graphs return logits for up to 8 positions (export/graph.py LOGITS_WINDOW)
 
 
 class NgramIndex:
@@ -67,4 +68,7 @@ class DraftLength:
     def update(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
-        self.current = min(self.maximum, accepted + 1) if accepted == drafted else max(1, accepted + 1)
+        if accepted == drafted:  # a draft cut short (end of the match, max_new_tokens) says nothing against more
+            self.current = min(self.maximum, max(self.current, accepted + 1))
+        else:
+            self.current = max(1, accepted + 1)
