@@ -109,11 +109,7 @@ def write_genai_graph(folder: Path) -> None:
         raise ExportError("The quantized graph lost its logits window (edgeqwen.logits_window.limit).",
                           "report this: graph.window_logits and quantize.py disagree.")
     limit.CopyFrom(numpy_helper.from_array(np.array([0], np.int64), limit.name))
-    for out in model.graph.output:
-        if out.name == "logits":
-            dim = out.type.tensor_type.shape.dim[1]
-            dim.ClearField("dim_param")
-            dim.dim_value = 1
+    _declare_logits_rows(model, 1)
     onnx.save_model(model, str(folder / GENAI_GRAPH))
 
 
@@ -262,8 +258,17 @@ def window_logits(model, window: int = LOGITS_WINDOW) -> None:
     at = kept.index(head)
     del graph.node[:]
     graph.node.extend(kept[:at] + nodes + kept[at:])
-    for out in graph.output:
+    _declare_logits_rows(model, "logits_length")
+
+
+def _declare_logits_rows(model, rows: int | str) -> None:
+    """Set the declared length of the ``logits`` output: a number, or a symbolic name."""
+    for out in model.graph.output:
         if out.name == "logits":
             dim = out.type.tensor_type.shape.dim[1]
-            dim.ClearField("dim_value")
-            dim.dim_param = "logits_length"
+            if isinstance(rows, str):
+                dim.ClearField("dim_value")
+                dim.dim_param = rows
+            else:
+                dim.ClearField("dim_param")
+                dim.dim_value = rows

@@ -19,7 +19,7 @@ from ..bundle import Manifest, load_bundle
 from ..errors import BundleError, ContextOverflowError, GenerationError
 from .chat import ChatTemplate, Reply, ToolCall, parse_reply
 from .generate import DEFAULT_PREFILL_CHUNK, Engine, Stats, StopRule, generate
-from .lookup import DEFAULT_MAX_DRAFT, MAX_DRAFT
+from .lookup import DEFAULT_MAX_DRAFT
 from .sampling import Sampler, SamplingParams
 from .session import choose_provider, create_session
 from .text import IncrementalDetokenizer, StopMatcher
@@ -213,7 +213,7 @@ class Model:
     @property
     def max_lookup(self) -> int:
         """The most drafted tokens one step can check: the graph's logits window minus the token itself."""
-        return min(self.engine.window - 1, MAX_DRAFT)
+        return self.engine.max_draft
 
     def _lookup(self, lookup: Any) -> int:
         """The prompt-lookup draft length to use: the caller's, validated, or the default.

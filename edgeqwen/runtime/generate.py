@@ -85,6 +85,11 @@ class Engine:
         self._step_ids = np.zeros((1, 1), dtype=np.int64)
         self._step_ids_ort = ort.OrtValue.ortvalue_from_numpy(self._step_ids)
 
+    @property
+    def max_draft(self) -> int:
+        """The most drafted tokens one run can check: a logits row each, plus one for the token before them."""
+        return min(self.window - 1, MAX_DRAFT)
+
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         """Run ``ids`` ([1, n]) after the cached tokens; return the last position's logits row (float32)."""
         return self._run(ids)[-1].astype(np.float32, copy=False)
@@ -153,11 +158,15 @@ def prefill(engine: Engine, tokens: Sequence[int], stats: Stats | None = None) -
     return logits
 
 
-def decode_one(engine: Engine, token: int) -> np.ndarray:
-    """Append one token to the cache and return the logits for the one after it."""
-    if engine.cache.length + 1 > engine.context:
+def _check_room(engine: Engine, n: int) -> None:
+    if engine.cache.length + n > engine.context:
         raise ContextOverflowError(f"The conversation reached the context length ({engine.context} tokens).",
                                    "start a new conversation, or load with a larger context=.")
+
+
+def decode_one(engine: Engine, token: int) -> np.ndarray:
+    """Append one token to the cache and return the logits for the one after it."""
+    _check_room(engine, 1)
     logits = engine._forward(np.asarray([[token]], dtype=np.int64))
     engine.tokens.append(token)
     return logits
@@ -171,9 +180,7 @@ def decode_draft(engine: Engine, token: int, draft: Sequence[int]) -> np.ndarray
     weights are read once), so each accepted guess is a step saved.
     """
     ids = [int(token), *draft]
-    if engine.cache.length + len(ids) > engine.context:
-        raise ContextOverflowError(f"The conversation reached the context length ({engine.context} tokens).",
-                                   "start a new conversation, or load with a larger context=.")
+    _check_room(engine, len(ids))
     rows = engine._run(np.asarray([ids], dtype=np.int64))
     engine.tokens.extend(ids)
     return rows.astype(np.float32, copy=False)  # fp16 graphs: the sampler works in float32, as decode_one
@@ -215,7 +222,7 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
         return
     t0 = time.perf_counter()
     rows, draft = prefill(engine, prompt, stats)[None, :], []
-    length = DraftLength(min(lookup, engine.window - 1, MAX_DRAFT))
+    length = DraftLength(min(lookup, engine.max_draft))
     index: NgramIndex | None = None
     produced, t_decode, from_decode = 0, 0.0, False
     while True:

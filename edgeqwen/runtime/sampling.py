@@ -342,19 +342,16 @@ class Sampler:
         row, ids = self._candidates(logits)
         if ids is _GREEDY:
             return int(np.argmax(row))
-        probs = softmax(row).astype(np.float64)
-        at = np.flatnonzero(ids == draft) if ids is not None else (np.array([draft]) if 0 <= draft < len(row) else ())
-        p_draft = float(probs[at[0]]) if len(at) else 0.0
-        if p_draft > 0 and self._rng.random() < p_draft:
-            return int(draft)
+        at = np.flatnonzero(ids == draft) if ids is not None else [draft] if 0 <= draft < len(row) else []
         if len(at):
-            probs[at[0]] = 0.0
-        total = probs.sum()
-        if total <= 0:  # the draft held all the mass yet was rejected: only float rounding gets here
-            return int(draft)
-        cdf = np.cumsum(probs)
-        j = int(np.searchsorted(cdf, self._rng.random() * total, side="right"))
-        j = min(j, int(np.flatnonzero(probs)[-1]))
+            p_draft = float(softmax(row)[at[0]])
+            if p_draft > 0 and self._rng.random() < p_draft:
+                return int(draft)
+            row = row.copy()
+            row[at[0]] = _NEG_INF
+            if not np.isfinite(row).any():  # the draft held all the mass yet was rejected: float rounding only
+                return int(draft)
+        j = _draw(row, self._rng)
         return j if ids is None else int(ids[j])
 
     def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
