@@ -104,6 +104,29 @@ def test_a_growing_conversation_reuses_the_cached_prefix(server, model):
     assert second.choices[0].message.content == reference(model, model.render(longer), 6).strip()
 
 
+def test_metrics_count_generated_and_prompt_lookup_tokens(server):
+    """A prompt whose answer repeats it: the runtime's default prompt lookup drafts tokens, /metrics counts them."""
+    looping = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):\n"
+
+    def counters() -> dict[str, float]:
+        host, port = server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port)
+        conn.request("GET", "/metrics")
+        lines = conn.getresponse().read().decode().splitlines()
+        return {name: float(value) for name, value in (line.split() for line in lines
+                                                       if line and not line.startswith("#") and "{" not in line)}
+
+    before = counters()
+    r = client(server).completions.create(model=server.limits.model_name, prompt=looping, max_tokens=32,
+                                          temperature=0)
+    after = counters()
+    assert after["edgeqwen_generated_tokens_total"] - before["edgeqwen_generated_tokens_total"] == \
+        r.usage.completion_tokens
+    drafted = after["edgeqwen_lookup_drafted_tokens_total"] - before["edgeqwen_lookup_drafted_tokens_total"]
+    accepted = after["edgeqwen_lookup_accepted_tokens_total"] - before["edgeqwen_lookup_accepted_tokens_total"]
+    assert drafted > 0 and 0 < accepted <= drafted
+
+
 def test_completions_endpoint_uses_the_raw_prompt(server, model):
     prompt = "def fibonacci(n):"
     r = client(server).completions.create(model=server.limits.model_name, prompt=prompt, max_tokens=16,

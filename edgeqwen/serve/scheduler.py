@@ -38,6 +38,7 @@ class Metrics:
         self.requests: collections.Counter = collections.Counter()  # (endpoint, status) -> n
         self.errors: collections.Counter = collections.Counter()  # error type -> n
         self.prompt_tokens = self.generated_tokens = self.cancelled = 0
+        self.lookup_drafted = self.lookup_accepted = 0
         self.generation_seconds = 0.0
         self.last_decode_tps = 0.0
 
@@ -53,8 +54,11 @@ class Metrics:
         with self._lock:
             self.errors[kind] += 1
 
-    def generation(self, prompt_tokens: int, new_tokens: int, seconds: float, decode_tps: float) -> None:
+    def generation(self, prompt_tokens: int, new_tokens: int, seconds: float, decode_tps: float,
+                   lookup_drafted: int = 0, lookup_accepted: int = 0) -> None:
         with self._lock:
+            self.lookup_drafted += lookup_drafted
+            self.lookup_accepted += lookup_accepted
             self.prompt_tokens += prompt_tokens
             self.generated_tokens += new_tokens
             self.generation_seconds += seconds
@@ -83,6 +87,12 @@ class Metrics:
                 "# HELP edgeqwen_decode_tokens_per_second Decode speed of the last finished generation.",
                 "# TYPE edgeqwen_decode_tokens_per_second gauge",
                 f"edgeqwen_decode_tokens_per_second {self.last_decode_tps:.2f}",
+                "# HELP edgeqwen_lookup_drafted_tokens_total Tokens drafted by prompt lookup and checked.",
+                "# TYPE edgeqwen_lookup_drafted_tokens_total counter",
+                f"edgeqwen_lookup_drafted_tokens_total {self.lookup_drafted}",
+                "# HELP edgeqwen_lookup_accepted_tokens_total Drafted tokens the model agreed with (steps saved).",
+                "# TYPE edgeqwen_lookup_accepted_tokens_total counter",
+                f"edgeqwen_lookup_accepted_tokens_total {self.lookup_accepted}",
                 "# HELP edgeqwen_cancelled_total Generations cancelled (client gone or shutdown).",
                 "# TYPE edgeqwen_cancelled_total counter",
                 f"edgeqwen_cancelled_total {self.cancelled}",
@@ -206,5 +216,6 @@ class Scheduler:
             return
         stats = result.stats
         self.metrics.generation(req.prompt_tokens, len(result.tokens), seconds,
-                                float(stats.get("decode_tokens_per_s", 0.0)))
+                                float(stats.get("decode_tokens_per_s", 0.0)), int(stats.get("lookup_drafted", 0)),
+                                int(stats.get("lookup_accepted", 0)))
         job.events.put(("done", result))
