@@ -144,8 +144,7 @@ def prefill(engine: Engine, tokens: Sequence[int], stats: Stats | None = None) -
         raise ContextOverflowError(f"The prompt has {len(tokens)} tokens; this model's context is "
                                    f"{engine.context}.", "shorten the prompt, or load with a larger context=.")
     keep = min(common_prefix(engine.tokens, tokens), len(tokens) - 1)  # at least one token must run
-    engine.cache.rewind(keep)
-    engine.tokens = list(tokens[:keep])
+    rewind(engine, keep)  # engine.tokens[:keep] == tokens[:keep]: the common prefix
     t0 = time.perf_counter()
     logits = None
     for start in range(keep, len(tokens), engine.prefill_chunk):
