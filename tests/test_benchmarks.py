@@ -63,6 +63,42 @@ def test_compare_quick(tiny_models):
     assert "optimum ORTModelForCausalLM fp32" in {r["system"] for r in measured}
 
 
+def test_quality_scores_bundles_and_peers_against_the_float_model(fp32_bundles, int4_bundle, monkeypatch):
+    """quality.py on the tiny model: our fp32 bundle is the float model (agreement 1, ratio 1), and so is
+    onnxruntime-genai running that same bundle (which checks the peer's token-by-token rows line up with the
+    targets); the int4 bundle is scored on the same tokens; the llama.cpp peers (no GGUF for this source)
+    keep rows saying why."""
+    monkeypatch.setenv("EDGEQWEN_ALLOW_ANY_SIZE", "1")  # the tiny source is far below the 0.3B floor
+    fp32_bundle = fp32_bundles["qwen2_untied"]
+    report = run_script("quality.py", str(fp32_bundle), str(int4_bundle), "--tokens", "24", "--threads", "1",
+                        "--genai", str(fp32_bundle))
+    by = {(r["system"], r["text"]): r for r in report["results"]}
+    systems = {s for s, _ in by}
+    texts = {t for _, t in by}
+    assert {"en", "code", "py-textwrap"} <= texts
+    fp32 = next(s for s in systems if s.endswith("(fp32)"))
+    int4 = next(s for s in systems if s.endswith("(int4)"))
+    genai = f"onnxruntime-genai on {fp32_bundle.name}"
+    assert genai in systems
+    for t in texts:
+        for s in (fp32, genai):
+            assert by[(s, t)]["agreement"] == 1.0 and abs(by[(s, t)]["ratio"] - 1) < 1e-3, (s, t)
+        r = by[(int4, t)]
+        assert r["tokens"] == 23 and r["perplexity"] > 0 and 0 <= r["agreement"] <= 1
+        assert r["reference_perplexity"] == by[(fp32, t)]["reference_perplexity"]  # one reference, same ids
+    assert set(report["missing"]) == {"llama.cpp source GGUF", "llama.cpp Q4_0 re-quantized",
+                                      "llama.cpp IQ4_NL re-quantized"}
+
+
+def test_score_rows_refuses_a_row_count_that_does_not_match_the_text():
+    import numpy as np
+
+    from edgeqwen.export.verify import score_rows
+
+    with pytest.raises(ValueError, match="3 logits rows for 4 targets"):
+        score_rows(None, "t", [1, 2, 3, 4, 5], [np.zeros(8)] * 3)
+
+
 def test_bandwidth_bytes_per_token_counts_each_weight_once(int4_tied_bundle):
     import onnx
 
