@@ -48,7 +48,8 @@ def test_compare_quick(tiny_models):
     assert report["machine"]["read_bandwidth_gbs"] > 0.1
     measured = [r for r in rows.values() if "error" not in r]
     names = set(rows)
-    assert {"genai default int4", "optimum ORTModelForCausalLM fp32"} <= names
+    assert {"genai default int4", "genai default int4, default max_length", "optimum ORTModelForCausalLM fp32"} <= names
+    assert "error" not in rows["genai default int4, default max_length"]
     assert any(n.startswith("edgeqwen ") for n in names) and any(n.startswith("genai on ") for n in names)
     assert "llama.cpp Q4_K_M (source GGUF)" in names  # measured, or a row saying why not: never dropped
     genai_on_ours = next(r for n, r in rows.items() if n.startswith("genai on "))
