@@ -61,7 +61,7 @@ PROVIDER_PACKAGES: dict[str, str] = {
 BACKENDS = ("fast", "portable")
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
 QUANT_ALGOS = ("rtn", "k_quant", "hqq", "gptq")
-GGUF_MODES = ("fast", "faithful")
+GGUF_MODES = ("fast", "balanced", "faithful")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 IO_DTYPES = ("fp32", "fp16")
 CONTEXT_RANGE = (256, 131072)
@@ -291,7 +291,7 @@ class Profile:
     backend: str = "fast"
     precision: str = "int4"
     quant_algo: str = "gptq"
-    gguf_mode: str = "fast"
+    gguf_mode: str = "balanced"
     block_size: int = 32
     block_size_8bit: int = DEFAULT_BLOCK_SIZE_8BIT  # int4 bundles: block of the weights kept at 8 bits
     accuracy_level: int = 4

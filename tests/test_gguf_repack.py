@@ -231,6 +231,25 @@ def test_q4_k_is_copied_exactly_with_block_offsets_in_the_body_only(gguf_file) -
         assert how == "stub:Q4_K" and calls[-1] == (UP, 8, role)
 
 
+def test_balanced_mode_copies_every_4_bit_body_weight_and_refits_the_rest_like_fast(gguf_file) -> None:
+    """"balanced" = fast, except that a weight the GGUF already holds at 4 bits (Q4_K here) is copied exactly
+    where 4 bits were asked, instead of being re-quantized; 5-bit and float weights still go to the plan's
+    coder, and gathers (no offsets) still fit Q4_K."""
+    path, floats = gguf_file
+    calls: list = []
+    code = gguf_coder(path, QuantPlan(precision="int4", gguf_mode="balanced"), fallback=recording_fallback(calls))
+    w = floats["blk.0.ffn_up.weight"]
+    bq, how = code(UP, w, 4, "body")
+    assert how == "gguf-exact:Q4_K" and (bq.bits, bq.block_size) == (4, 32) and bq.offsets is not None
+    np.testing.assert_allclose(bq.dequantize(), w, rtol=0, atol=1e-7)
+    assert calls == []
+    bq, how = code(DOWN, floats["blk.0.ffn_down.weight"], 4, "body")
+    assert how == "stub:F32" and calls == [(DOWN, 4, "body")]
+    w_qkv = np.concatenate([floats[f"blk.0.attn_{p}.weight"] for p in "qkv"])
+    assert code(QKV, w_qkv, 4, "body")[1] == "stub:Q5_0+Q6_K+Q8_0"
+    assert code(UP, w, 4, "embed")[1] == "stub:Q4_K" and calls[-1] == (UP, 4, "embed")
+
+
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1", "Q5_K"])
 def test_types_with_a_minimum_are_copied_where_the_plan_keeps_their_precision(tmp_path, type_name: str) -> None:
     """Q4_1/Q5_1/Q5_K in the body: exact (with offsets) in faithful and int8 plans; an int4 plan's 8-bit

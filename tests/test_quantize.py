@@ -150,7 +150,7 @@ def test_vocab_refine_rescores_the_coarse_logits_best_candidates_with_the_full_m
     assert not np.allclose(got, exact, atol=1e-3)
 
 
-@pytest.mark.parametrize("gguf_mode,block", [("fast", 64), ("faithful", 32)])
+@pytest.mark.parametrize("gguf_mode,block", [("fast", 64), ("balanced", 64), ("faithful", 32)])
 def test_vocab_split_is_re_coded_at_the_wider_8_bit_block(gguf_mode: str, block: int) -> None:
     """An int4 plan with block_size_8bit re-codes the vocabulary matrix at that block (and at vocab_bits) before
     splitting it (the coarse half's scales are what every decode step reads); "faithful" imports keep the plan's
@@ -168,7 +168,7 @@ def test_vocab_split_is_re_coded_at_the_wider_8_bit_block(gguf_mode: str, block:
     plan = QuantPlan(precision="int4", algo="k_quant", block_size=32, accuracy_level=0, lm_head_bits=8,
                      vocab_refine=8, block_size_8bit=64, gguf_mode=gguf_mode, vocab_bits=6)
     report = quantize_graph(model, ExternalWeights(model, Path(".")), plan)
-    bits = 6 if gguf_mode == "fast" else 8  # faithful keeps the 8-bit codes whatever vocab_bits says
+    bits = 8 if gguf_mode == "faithful" else 6  # faithful keeps the 8-bit codes whatever vocab_bits says
     assert report.tensors[HEAD]["block_size"] == block and report.tensors[HEAD]["bits"] == f"4+{bits - 4}"
     assert (f"block{block}(" in report.tensors[HEAD]["how"]) == (block == 64)
     for node in model.graph.node:
@@ -187,10 +187,11 @@ def test_block_offsets_are_added_by_the_graph() -> None:
     embed, head, down, odd = toy_weights(tied=False)
     model = toy_graph(embed, head, down, odd)
     rng = np.random.default_rng(5)
-    with_offsets = BlockQuantized(q=rng.integers(0, 16, (F, H), dtype=np.uint8),
-                                  scales=rng.uniform(0.01, 0.05, (F, H // 32)).astype(np.float32),
-                                  zero_points=np.zeros((F, H // 32), np.uint8), bits=4, block_size=32, k=H,
-                                  offsets=-rng.uniform(0, 0.3, (F, H // 32)).astype(np.float32))
+    scales = rng.uniform(0.01, 0.05, (F, H // 32)).astype(np.float32)
+    # as gguf_repack leaves them: zero point = the code nearest the block's zero, offset = the rest (|O| <= s/2)
+    with_offsets = BlockQuantized(q=rng.integers(0, 16, (F, H), dtype=np.uint8), scales=scales,
+                                  zero_points=rng.integers(6, 10, (F, H // 32), dtype=np.uint8), bits=4,
+                                  block_size=32, k=H, offsets=(scales * rng.uniform(-0.5, 0.5, scales.shape)))
     plain = float_coder(QuantPlan(precision="int4", algo="k_quant", block_size=32))
 
     def coder(name, w_nk, bits, role):
@@ -201,7 +202,9 @@ def test_block_offsets_are_added_by_the_graph() -> None:
     report = quantize_graph(model, ExternalWeights(model, Path(".")), plan, coder=coder)
     assert report.tensors[DOWN]["block_offsets"] is True
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["ReduceSum"] == 1 and ops["MatMulNBits"] == 2
+    assert ops["ReduceSum"] == 1 and ops["MatMulNBits"] == 2 and ops["Cast"] == 1
+    stored = {t.name: t for t in model.graph.initializer}[f"{DOWN.replace('.weight', '')}.offsets"]
+    assert stored.data_type == TensorProto.FLOAT16  # half the bytes on disk; the graph casts them back
     table = quantize(embed, 4, 32, "k_quant").dequantize()
     hidden = (table[IDS[0]] @ with_offsets.dequantize().T)[:, :40] @ odd
     expected = hidden @ quantize(head.T, 4, 32, "k_quant").dequantize().T

@@ -363,7 +363,7 @@ def _smooths(plan, src) -> bool:
     if src.gguf_path is None:
         return True
     # a GGUF import refits its 8-bit weights only at a wider block (gguf_repack.gguf_coder); faithful never
-    return plan.gguf_mode == "fast" and plan.refit_block_8bit is not None
+    return plan.gguf_mode in ("fast", "balanced") and plan.refit_block_8bit is not None
 
 
 def _quantize_portable(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:

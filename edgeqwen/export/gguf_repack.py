@@ -28,13 +28,24 @@ Every other type (Q2_K, Q3_K, the IQ types, and plain F16/F32 weights) has no su
 scale and zero point (``blockquant.quantize_fitted``) of the exactly dequantized values, at 8 bits in
 "faithful" mode (error ~1/256 of a block's range) and at the plan's bits in "fast" mode.
 
-"faithful" is exact where the table allows and 8-bit elsewhere: the bundle is larger and decodes slower,
-but says what the GGUF says. "fast" fits int4 everywhere except Q4_0 (already 4-bit, copied exactly) and
-the weights kept at 8 bits (the GGUF's own Q6_K/Q8_0 ones, and those the profile lists in ``eight_bit``):
-an int4 profile refits those at 8 bits with its wider ``block_size_8bit`` rather than copying them with the
-GGUF's 16/32-wide blocks, whose scales cost decode time; a Q4_1/Q4_K weight among them is copied exactly at 4
-bits with its offsets (8 bits would double its bytes to hold 4-bit values). The vocabulary matrix is copied exactly here; an
-int4 bundle that splits it for the lm_head (``quantize._split_for_refine``) re-codes it at that wider block too.
+Three modes (profile key ``gguf_mode``, ``--gguf-mode``):
+
+- "faithful" is exact where the table allows and 8-bit elsewhere: the bundle is larger and decodes slower,
+  but says what the GGUF says.
+- "balanced" (the int4 profiles' default) is "fast" except that every body weight the GGUF already holds at
+  4 bits (Q4_0, Q4_1, Q4_K) is copied exactly wherever it is, offsets and all, instead of being re-quantized
+  to 4 bits a second time. Measured (benchmarks/README.md, "gguf_mode balanced"): on the 1.5B, whose GGUF is a
+  real Q4_K_M, top-1 agreement 92.7 / 98.8 / 95.9 / 94.3% → 97.4 / 99.7 / 98.4 / 97.9% for +6% size and a
+  2–4% longer step, and the export is 5× faster (no GPTQ for those weights); on the 0.5B (12 Q4_K weights)
+  +0.3 to +2.6 points for +1.4% step time.
+- "fast" fits int4 everywhere except Q4_0 (already 4-bit, copied exactly) and the weights kept at 8 bits
+  (the GGUF's own Q6_K/Q8_0 ones, and those the profile lists in ``eight_bit``): an int4 profile refits those
+  at 8 bits with its wider ``block_size_8bit`` rather than copying them with the GGUF's 16/32-wide blocks,
+  whose scales cost decode time; a Q4_1/Q4_K weight among them is copied exactly at 4 bits with its offsets
+  (8 bits would double its bytes to hold 4-bit values).
+
+The vocabulary matrix is copied exactly here; an int4 bundle that splits it for the lm_head
+(``quantize._split_for_refine``) re-codes it at that wider block too.
 """
 
 from __future__ import annotations
@@ -281,9 +292,10 @@ def gguf_coder(path: Path, plan: QuantPlan, *, fallback: WeightCoder) -> WeightC
         # a type with a float minimum (Q4_1, Q5_1, Q4_K, Q5_K) is exact only with block offsets, which only the
         # body's MatMulNBits takes (not the gathers), at ~1 bit a weight and 4 small nodes more than a fit;
         # "fast" copies the 4-bit ones only where the plan asked for 8 bits (measured on the 0.5B's Q4_K
-        # down_proj: exact copies gave +1.5 to +3 points of top-1 agreement for a 3% longer decode step)
+        # down_proj: exact copies gave +1.5 to +3 points of top-1 agreement for a 3% longer decode step);
+        # "balanced" copies them wherever they are, so no weight the GGUF holds at 4 bits is re-quantized
         offsets_ok = role == "body"
-        minimum_ok = offsets_ok and (faithful or bits == 8)
+        minimum_ok = offsets_ok and (faithful or bits == 8 or plan.gguf_mode == "balanced")
         four = _four_bit_copy(types, minimum_ok)
         keep = faithful or four or bits == 8 or sensitive
         if not faithful and not four and (bits == 8 or sensitive) and wide_8bit_block(plan, w_nk, 8, role):
