@@ -44,6 +44,12 @@ def weight_bytes_per_token(bundle: Path) -> int:
     for t in model.graph.initializer:
         n = int(np.prod(t.dims)) if t.dims else 1
         size[t.name] = n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    for node in model.graph.node:  # a Cast of an initializer is folded at load: count what it folds into
+        if node.op_type == "Cast" and node.input[0] in size:
+            to = next(a.i for a in node.attribute if a.name == "to")
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(to).itemsize
+            src = next(t for t in model.graph.initializer if t.name == node.input[0])
+            size[node.output[0]] = (int(np.prod(src.dims)) if src.dims else 1) * itemsize
     total = 0
     seen = set()
     for node in model.graph.node:

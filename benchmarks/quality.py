@@ -192,12 +192,19 @@ def main() -> int:
     from edgeqwen.export.verify import Reference, score_rows
 
     texts = held_out_texts()
-    systems, first_model = [], None
+    systems, models = [], []
     for bundle in args.bundles:
         system, model = edgeqwen_system(bundle, args.threads)
         systems.append(system)
-        first_model = first_model or model
-    src = resolve_source(first_model.manifest.source["spec"], progress=False)
+        models.append(model)
+    first_model = models[0]
+    spec = first_model.manifest.source["spec"]
+    others = [b for b, m in zip(args.bundles, models) if m.manifest.source["spec"] != spec]
+    if others:  # one reference and one token sequence per text: every bundle must come from the same model
+        other_spec = models[args.bundles.index(others[0])].manifest.source["spec"]
+        ap.error(f"{others[0]} was exported from {other_spec!r}, not {spec!r} like {args.bundles[0]}; "
+                 "score the bundles of one source model per run")
+    src = resolve_source(spec, progress=False)
     more, missing = peers(args, src, n_ctx=args.tokens + 8)
     systems += more
     reference = Reference(src.hf_dir, threads=args.threads)

@@ -303,8 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int)
     p.add_argument("--context", type=int)
     p.add_argument("--gguf-mode", choices=["fast", "balanced", "faithful"],
-                   help="GGUF sources: 'fast' refits to int4; 'balanced' also copies the GGUF's own 4-bit tensors "
-                        "exactly (Q4_0/Q4_1/Q4_K: most of a real Q4_K_M file); 'faithful' copies every tensor exactly")
+                   help="GGUF sources: 'fast' refits weights to the profile's bits; 'balanced' (int4 default) "
+                        "copies the GGUF's own 4-bit tensors exactly (Q4_0/Q4_1/Q4_K: most of a real Q4_K_M file) "
+                        "and refits the rest; 'faithful' copies every tensor whose type the kernels can express "
+                        "and fits the others at 8 bits")
     p.add_argument("--eight-bit", metavar="PATTERNS",
                    help="int4: comma list of weights kept at 8 bits, replacing the profile's (default "
                         "'attn.,mlp.gate_proj,lm_head,measured': most faithful; 'lm_head': everything else 4-bit, "

@@ -64,6 +64,25 @@ def test_compare_quick(tiny_models):
     assert "optimum ORTModelForCausalLM fp32" in {r["system"] for r in measured}
 
 
+def test_bandwidth_counts_a_cast_initializer_at_the_size_it_is_folded_into(tmp_path):
+    """int4 bundles store block offsets in fp16 behind a Cast that onnxruntime folds to fp32 at load: a decode
+    step reads the fp32 copy, so that is what the bandwidth ceiling must count."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bandwidth import weight_bytes_per_token
+
+    offsets = numpy_helper.from_array(np.zeros((10, 4), np.float16), "offsets")
+    nodes = [helper.make_node("Cast", ["offsets"], ["offsets/float"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "offsets/float"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[offsets])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    assert weight_bytes_per_token(tmp_path) == 10 * 4 * 4
+
+
 def test_quality_scores_bundles_and_peers_against_the_float_model(fp32_bundles, int4_bundle, monkeypatch):
     """quality.py on the tiny model: our fp32 bundle is the float model (agreement 1, ratio 1), and so is
     onnxruntime-genai running that same bundle (which checks the peer's token-by-token rows line up with the

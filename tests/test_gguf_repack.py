@@ -253,7 +253,8 @@ def test_balanced_mode_copies_every_4_bit_body_weight_and_refits_the_rest_like_f
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q5_1", "Q5_K"])
 def test_types_with_a_minimum_are_copied_where_the_plan_keeps_their_precision(tmp_path, type_name: str) -> None:
     """Q4_1/Q5_1/Q5_K in the body: exact (with offsets) in faithful and int8 plans; an int4 plan's 8-bit
-    request copies the 4-bit type and refits the 5-bit ones at its wider block; 4 bits asked: fitted."""
+    request copies the 4-bit type and refits the 5-bit ones at its wider block; 4 bits asked: fitted in
+    "fast", and in "balanced" the 4-bit type copied, the 5-bit ones fitted."""
     raw = random_blocks(type_name, 8, HIDDEN, seed=20)
     path = write_gguf(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": (type_name, raw)})
     w = reference(raw, type_name)
@@ -261,7 +262,8 @@ def test_types_with_a_minimum_are_copied_where_the_plan_keeps_their_precision(tm
     cases = [(QuantPlan(precision="int4", gguf_mode="faithful"), 4, True),
              (QuantPlan(precision="int8", gguf_mode="fast"), 8, True),
              (QuantPlan(precision="int4", gguf_mode="fast", block_size_8bit=128), 8, four_bit),
-             (QuantPlan(precision="int4", gguf_mode="fast"), 4, False)]
+             (QuantPlan(precision="int4", gguf_mode="fast"), 4, False),
+             (QuantPlan(precision="int4", gguf_mode="balanced"), 4, four_bit)]
     for plan, bits, exact in cases:
         calls: list = []
         bq, how = gguf_coder(path, plan, fallback=recording_fallback(calls))(UP, w, bits, "body")

@@ -181,9 +181,13 @@ def test_vocab_split_is_re_coded_at_the_wider_8_bit_block(gguf_mode: str, block:
     np.testing.assert_allclose(run(model, IDS)[0], expected, rtol=1e-4, atol=1e-3)
 
 
-def test_block_offsets_are_added_by_the_graph() -> None:
+@pytest.mark.parametrize("precision,gguf_mode,stored", [("int4", "balanced", TensorProto.FLOAT16),
+                                                        ("int4", "faithful", TensorProto.FLOAT),
+                                                        ("int8", "balanced", TensorProto.FLOAT)])
+def test_block_offsets_are_added_by_the_graph(precision: str, gguf_mode: str, stored: int) -> None:
     """A weight with block offsets (GGUF Q4_K's minimum) becomes MatMulNBits + (block sums of x) @ offsets:
-    onnxruntime's output is x @ the dequantized weight, offsets included."""
+    onnxruntime's output is x @ the dequantized weight, offsets included. int4 bundles store the offsets in
+    fp16 and cast them back; bundles that promise exact GGUF values (int8, faithful) keep them in fp32."""
     embed, head, down, odd = toy_weights(tied=False)
     model = toy_graph(embed, head, down, odd)
     rng = np.random.default_rng(5)
@@ -197,14 +201,15 @@ def test_block_offsets_are_added_by_the_graph() -> None:
     def coder(name, w_nk, bits, role):
         return (with_offsets, "offsets") if name == DOWN else plain(name, w_nk, bits, role)
 
-    plan = QuantPlan(precision="int4", algo="k_quant", block_size=32, accuracy_level=0, lm_head_bits=4,
-                     embed_bits=4, share_embeddings=False)
+    plan = QuantPlan(precision=precision, algo="k_quant", block_size=32, accuracy_level=0, lm_head_bits=4,
+                     embed_bits=4, share_embeddings=False, gguf_mode=gguf_mode)
     report = quantize_graph(model, ExternalWeights(model, Path(".")), plan, coder=coder)
     assert report.tensors[DOWN]["block_offsets"] is True
     ops = Counter(n.op_type for n in model.graph.node)
-    assert ops["ReduceSum"] == 1 and ops["MatMulNBits"] == 2 and ops["Cast"] == 1
-    stored = {t.name: t for t in model.graph.initializer}[f"{DOWN.replace('.weight', '')}.offsets"]
-    assert stored.data_type == TensorProto.FLOAT16  # half the bytes on disk; the graph casts them back
+    assert ops["ReduceSum"] == 1 and ops["MatMulNBits"] == 2
+    assert ops["Cast"] == (1 if stored == TensorProto.FLOAT16 else 0)
+    offsets = {t.name: t for t in model.graph.initializer}[f"{DOWN.replace('.weight', '')}.offsets"]
+    assert offsets.data_type == stored
     table = quantize(embed, 4, 32, "k_quant").dequantize()
     hidden = (table[IDS[0]] @ with_offsets.dequantize().T)[:, :40] @ odd
     expected = hidden @ quantize(head.T, 4, 32, "k_quant").dequantize().T

@@ -21,12 +21,13 @@ Q5_K          as Q4_K with 5-bit codes                     8-bit, otherwise as Q
 (*) These types carry a float minimum, which no integer zero point expresses. The zero point is the code
 nearest the block's zero and the rest travels as a per-block *offset* (at most half a step) that the graph
 adds as (per-block sums of the input) @ offsets, a [K/32, N] float matmul (``quantize._offset_correction``):
-exact up to one fp32 rounding, at ~1 bit a weight more than the codes. Only the body's MatMulNBits take it;
+exact up to one fp32 rounding (int4 bundles store the offsets in fp16: up to 1/4096 of a step more), at
+~1 bit a weight more than the codes (~0.5 in fp16). Only the body's MatMulNBits take it;
 GatherBlockQuantized has no such term, so an embedding or shared vocabulary matrix of these types is fitted.
 
 Every other type (Q2_K, Q3_K, the IQ types, and plain F16/F32 weights) has no such form; those are *fitted*: asymmetric block quantization with a searched
 scale and zero point (``blockquant.quantize_fitted``) of the exactly dequantized values, at 8 bits in
-"faithful" mode (error ~1/256 of a block's range) and at the plan's bits in "fast" mode.
+"faithful" mode (error ~1/256 of a block's range) and at the plan's bits in "fast" and "balanced" modes.
 
 Three modes (profile key ``gguf_mode``, ``--gguf-mode``):
 
@@ -34,10 +35,11 @@ Three modes (profile key ``gguf_mode``, ``--gguf-mode``):
   but says what the GGUF says.
 - "balanced" (the int4 profiles' default) is "fast" except that every body weight the GGUF already holds at
   4 bits (Q4_0, Q4_1, Q4_K) is copied exactly wherever it is, offsets and all, instead of being re-quantized
-  to 4 bits a second time. Measured (benchmarks/README.md, "gguf_mode balanced"): on the 1.5B, whose GGUF is a
-  real Q4_K_M, top-1 agreement 92.7 / 98.8 / 95.9 / 94.3% → 97.4 / 99.7 / 98.4 / 97.9% for +6% size and a
-  2–4% longer step, and the export is 5× faster (no GPTQ for those weights); on the 0.5B (12 Q4_K weights)
-  +0.3 to +2.6 points for +1.4% step time.
+  to 4 bits a second time (int4 bundles store the offsets in fp16: ≤ 1/4096 of a step). Measured
+  (benchmarks/README.md, "gguf_mode balanced"): on the 1.5B, whose GGUF is a real Q4_K_M, top-1 agreement
+  92.7 / 98.8 / 95.9 / 94.3% → 97.4 / 99.7 / 99.2 / 97.9% at the same size (+0.5%) for a 4–6% longer step,
+  and the export is ~4× faster (no GPTQ for those weights); on the 0.5B (12 Q4_K weights) +0.6 to +1.5
+  points for a 1.5–5% longer step.
 - "fast" fits int4 everywhere except Q4_0 (already 4-bit, copied exactly) and the weights kept at 8 bits
   (the GGUF's own Q6_K/Q8_0 ones, and those the profile lists in ``eight_bit``): an int4 profile refits those
   at 8 bits with its wider ``block_size_8bit`` rather than copying them with the GGUF's 16/32-wide blocks,
@@ -270,9 +272,9 @@ def _four_bit_copy(types: list[str], minimum_ok: bool) -> bool:
 
 
 def four_bit_copies(path: Path, names) -> set[str]:
-    """The body weights among ``names`` that an int4 "fast" import keeps as exact 4-bit copies even where the
-    profile asked for 8 bits (``gguf_coder``'s rule): re-coding them (``smooth.py``) would turn them into
-    8-bit fits, twice the bytes."""
+    """The body weights among ``names`` that an int4 "fast" or "balanced" import keeps as exact 4-bit copies
+    even where the profile asked for 8 bits (``gguf_coder``'s rule): re-coding them (``smooth.py``) would turn
+    them into 8-bit fits, twice the bytes."""
     g = GGUFTensors(path)
     return {name for name in names if _four_bit_copy(_types(g, gguf_names(name, g.tensors)), minimum_ok=True)}
 

@@ -200,14 +200,15 @@ def _matmul_nbits(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy
 
 
 def _offset_correction(node: onnx.NodeProto, bq: BlockQuantized, wname: str, accuracy_level: int,
-                       dtype: type = np.float32) -> tuple[list, list]:
+                       dtype: type = np.float32, stored: type = np.float16) -> tuple[list, list]:
     """MatMulNBits for a weight with block offsets (the float minimum of GGUF Q4_1/Q5_1/Q4_K/Q5_K, what its
     integer zero point leaves over): x @ W = MatMulNBits(x) + s @ O, where
     s holds the sums of x over each K block ([..., K/block]) and O the offsets ([K/block, N]). The extra
     matmul reads 4 bytes per block, as much as the scales: Q4_K stays exact at ~6 bits a weight.
-    O is stored in fp16 and cast back by the graph (onnxruntime folds the Cast at load, so run time is
-    unchanged): 2 bytes per block less on disk, for an error of at most 1/4096 of a quantization step
-    (|O| is at most half a step), far below accuracy level 4's own rounding of the input.
+    O is stored as ``stored``: int4 bundles keep it in fp16 and the graph casts it back (onnxruntime folds the
+    Cast at load, so run time is unchanged): 2 bytes per block less on disk, for an error of at most 1/4096
+    of a quantization step (|O| is at most half a step), far below accuracy level 4's own rounding of the
+    input. Bundles that promise the GGUF's exact values (int8, "faithful") store it at the graph's dtype.
     The hidden states are [batch, seq, K] in the graphs we rewrite (Reshape copies the first two dims)."""
     if bq.k != bq.k_blocks * bq.block_size:
         raise ExportError(f"{wname}: block offsets need K ({bq.k}) to be a whole number of blocks.",
@@ -218,9 +219,9 @@ def _offset_correction(node: onnx.NodeProto, bq: BlockQuantized, wname: str, acc
     shape, axes, offsets = f"{base}.block_view", f"{base}.block_axis", f"{base}.offsets"
     inits += [numpy_helper.from_array(np.array([0, 0, bq.k_blocks, bq.block_size], np.int64), shape),
               numpy_helper.from_array(np.array([-1], np.int64), axes),
-              numpy_helper.from_array(np.ascontiguousarray(bq.offsets.T).astype(np.float16), offsets)]
+              numpy_helper.from_array(np.ascontiguousarray(bq.offsets.T).astype(stored), offsets)]
     cast = []
-    if dtype != np.float16:
+    if np.dtype(stored) != np.dtype(dtype):
         cast = [helper.make_node("Cast", [offsets], [offsets + "/float"], name=t + "/Cast",
                                  to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))]
         offsets = offsets + "/float"
@@ -477,7 +478,9 @@ def quantize_graph(
                 new_inits.extend(inits)
                 continue
             if bq.offsets is not None:
-                new, inits = _offset_correction(node, bq, wname, plan.accuracy_level, dtype)
+                exact = plan.precision != "int4" or plan.gguf_mode == "faithful"  # bundles that promise exact values
+                new, inits = _offset_correction(node, bq, wname, plan.accuracy_level, dtype,
+                                                stored=dtype if exact else np.float16)
             else:
                 matmul, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level, dtype)
                 new = [matmul]

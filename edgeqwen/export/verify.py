@@ -108,9 +108,10 @@ class Reference:
 
     def logits(self, tokens: Sequence[int], window: int = 1024) -> np.ndarray:
         """Rows predicting tokens[1:], computed in windows so long texts fit in memory."""
-        key = tuple(int(t) for t in tokens)
+        key = (window, *(int(t) for t in tokens))
         if self._last is not None and self._last[0] == key:
             return self._last[1]
+        self._last = None  # never hold the previous text's rows (up to ~600 MB) while computing the next
         rows = []
         with self.torch.inference_mode():
             for start in range(0, len(tokens) - 1, window):
