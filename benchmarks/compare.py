@@ -15,9 +15,10 @@ much the answer repeats earlier text: little on the default licence continuation
 Systems: edgeqwen (our bundle, our runtime), onnxruntime-genai running *our* bundle (through its
 genai_config.json), onnxruntime-genai on its own builder's default int4 output from the same source (with
 ``max_length`` = prompt + answer, its best case and the goals' baseline, and again with its default
-``max_length``, which sizes the KV cache for the model's whole context), llama.cpp (llama-cpp-python) on the source GGUF itself (Q4_K_M), and Optimum's ORTModelForCausalLM on its
-own fp32 export (run with the pinned Optimum tool folder the portable backend uses). A peer that is not
-installed gets a row saying so; rows are never dropped.
+``max_length``, which sizes the KV cache for the model's whole context), llama.cpp (llama-cpp-python) on the
+source GGUF itself (Q4_K_M), and Optimum's ORTModelForCausalLM on its own fp32 export (run with the pinned
+Optimum tool folder the portable backend uses). A peer that is not installed gets a row saying so; rows are
+never dropped.
 
 Also: a streaming-read bandwidth probe (``bandwidth.py``) and the weight bytes each system reads per
 decoded token, so every decode figure is shown as a fraction of the bandwidth ceiling; a PNG chart is
