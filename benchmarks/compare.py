@@ -130,7 +130,10 @@ print("RESULT " + json.dumps(out))
 
 
 def folder_mb(folder: Path) -> float:
-    return round(sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file()) / 2**20, 1)
+    """MiB of a model folder's files, or of one model file (a GGUF)."""
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else [p for p in folder.iterdir() if p.is_file()]
+    return round(sum(p.stat().st_size for p in files) / 2**20, 1)
 
 
 def machine() -> dict:
@@ -336,7 +339,7 @@ def main() -> int:
             rows.append({"system": name, "error": "failed"})
             continue
         med = {k: statistics.median(x[k] for x in s) for k in s[0]}
-        size = round(folder.stat().st_size / 2**20, 1) if folder.is_file() else folder_mb(folder)
+        size = folder_mb(folder)
         row = {"system": name, "size_mb": size, **{k: round(v, 3) for k, v in med.items()},
                "decode_tps_min": round(min(x["decode_tps"] for x in s), 2),
                "decode_tps_max": round(max(x["decode_tps"] for x in s), 2)}

@@ -34,6 +34,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from compare import ensure_genai_default, folder_mb  # noqa: E402 - the sibling benchmark script
 # llama.cpp file types offered by --requant (llama.h's LLAMA_FTYPE_MOSTLY_*)
 REQUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 8, "Q8_0": 7, "Q4_K_S": 14, "Q4_K_M": 15, "IQ4_NL": 25}
 
@@ -55,11 +57,6 @@ def held_out_texts() -> dict[str, str]:
         texts["apache-licence"] = lic.read_text()
     texts["py-textwrap"] = inspect.getsource(textwrap)
     return texts
-
-
-def folder_mb(path: Path) -> float:
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-    return round(sum(f.stat().st_size for f in files) / 2**20, 1)
 
 
 def edgeqwen_system(bundle: Path, threads: int | None) -> tuple[System, object]:
@@ -139,9 +136,6 @@ def peers(args, src, n_ctx: int) -> tuple[list[System], dict[str, str]]:
         try:
             folder = args.genai
             if folder is None:  # its builder's default int4 output, one build per source model
-                sys.path.insert(0, str(HERE))
-                from compare import ensure_genai_default
-
                 folder = work / "genai" / Path(src.hf_dir).name
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 ensure_genai_default(src.hf_dir, folder)
