@@ -31,11 +31,22 @@ unit: install
 e2e: install
 	$(BIN)/python -m pytest -q -m e2e
 
-# llama.cpp is built from source; explicit x86 ISA flags (no AMX: advertised but unusable on some VMs)
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON
+# llama.cpp is built from source with the x86 ISA flags this CPU reports. Not GGML_NATIVE: it also enables AMX,
+# which some VMs advertise but cannot run. A flag the CPU lacks dies of SIGILL on the first decode (AVX-VNNI on a
+# Zen 4, which has AVX512-VNNI only). Without /proc/cpuinfo (macOS) the native build is the right one.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+isa = $(if $(filter $(1),$(CPU_FLAGS)),ON,OFF)
+ifeq ($(strip $(CPU_FLAGS)),)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON
+else
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=$(call isa,avx) -DGGML_AVX2=$(call isa,avx2) \
+	-DGGML_FMA=$(call isa,fma) -DGGML_F16C=$(call isa,f16c) -DGGML_BMI2=$(call isa,bmi2) \
+	-DGGML_AVX512=$(call isa,avx512f) -DGGML_AVX512_VNNI=$(call isa,avx512_vnni) -DGGML_AVX_VNNI=$(call isa,avx_vnni)
+endif
 
 bench: install
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -c constraints.txt -r benchmarks/requirements.txt
+	# no wheel cache: a llama-cpp-python wheel built for another CPU would be reused as is
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q --no-cache-dir -c constraints.txt -r benchmarks/requirements.txt
 	$(BIN)/python benchmarks/compare.py
 
 clean:

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -167,7 +168,22 @@ def run_once(kind: str, folder: Path, args, text_file: Path) -> dict:
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{kind} on {folder} failed:\n{out.stderr[-2000:]}")
+    raise RuntimeError(f"{kind} on {folder} failed: {exit_reason(out.returncode)}\n{out.stderr[-2000:]}")
+
+
+def exit_reason(returncode: int) -> str:
+    """A worker's exit status in words: a peer built for an instruction this CPU lacks dies of SIGILL with
+    nothing on stderr, and the table should say so rather than print an empty error."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    if name == "SIGILL":
+        return ("killed by SIGILL (illegal instruction: built for a CPU feature this machine lacks; "
+                "rebuild it here, e.g. `make bench`)")
+    return f"killed by {name}"
 
 
 def ensure_genai_default(hf_dir: Path, dest: Path) -> Path:
@@ -323,12 +339,14 @@ def main() -> int:
 
     bandwidth = read_bandwidth_gbs(threads=args.threads)
     samples: dict[str, list[dict]] = {name: [] for name, _, _ in systems}
+    errors: dict[str, str] = {}
     for r in range(args.runs):
         for name, kind, folder in systems:  # interleaved: A B C A B C ...
             try:
                 samples[name].append(run_once(kind, folder, args, text_file))
             except RuntimeError as e:
-                print(f"  {name}: {str(e).splitlines()[0]}", file=sys.stderr)
+                errors[name] = str(e).splitlines()[0]
+                print(f"  {name}: {errors[name]}", file=sys.stderr)
             print(f"run {r + 1}/{args.runs} {name}: {samples[name][-1] if samples[name] else 'failed'}",
                   file=sys.stderr)
 
@@ -336,7 +354,7 @@ def main() -> int:
     for name, kind, folder in systems:
         s = samples[name]
         if not s:
-            rows.append({"system": name, "error": "failed"})
+            rows.append({"system": name, "error": errors.get(name, "failed")})
             continue
         med = {k: statistics.median(x[k] for x in s) for k in s[0]}
         size = folder_mb(folder)

@@ -83,6 +83,24 @@ def test_bandwidth_counts_a_cast_initializer_at_the_size_it_is_folded_into(tmp_p
     assert weight_bytes_per_token(tmp_path) == 10 * 4 * 4
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_compare_names_a_peer_that_died_of_an_illegal_instruction(monkeypatch):
+    """llama.cpp built for an ISA extension this CPU lacks dies of SIGILL with an empty stderr: the row must
+    say why and how to fix it, not just "failed"."""
+    import signal
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compare
+
+    crash = subprocess.CompletedProcess([], -signal.SIGILL, stdout="", stderr="")
+    monkeypatch.setattr(compare.subprocess, "run", lambda *a, **k: crash)
+    args = type("A", (), {"threads": 1, "prompt_tokens": 8, "new_tokens": 2})()
+    with pytest.raises(RuntimeError, match=r"llama\.cpp on x failed: killed by SIGILL \(illegal instruction.*make bench"):
+        compare.run_once("llama.cpp", Path("x"), args, Path("t"))
+    assert compare.exit_reason(-signal.SIGSEGV) == "killed by SIGSEGV"
+    assert compare.exit_reason(3) == "exit status 3"
+
+
 def test_quality_scores_bundles_and_peers_against_the_float_model(fp32_bundles, int4_bundle, monkeypatch):
     """quality.py on the tiny model: our fp32 bundle is the float model (agreement 1, ratio 1), and so is
     onnxruntime-genai running that same bundle (which checks the peer's token-by-token rows line up with the
