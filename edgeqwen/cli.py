@@ -65,7 +65,8 @@ def cmd_export(args) -> int:
                     verify=not args.no_verify, progress=not args.json, threads=args.threads,
                     eight_bit=None if args.eight_bit is None else
                     [] if args.eight_bit.strip().lower() == "none" else args.eight_bit,
-                    vocab_refine=args.vocab_refine, vocab_bits=args.vocab_bits, smooth_alpha=args.smooth_alpha)
+                    vocab_refine=args.vocab_refine, vocab_bits=args.vocab_bits, smooth_alpha=args.smooth_alpha,
+                    accuracy_level=args.accuracy_level)
     summary = result.summary()
     if args.json:
         _print_json(summary)
@@ -320,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-alpha", type=float, metavar="A",
                    help="int4: SmoothQuant strength moving the attention input's outlier channels into the 8-bit "
                         "q/k/v weights before accuracy level 4 rounds it (profile default 0.5; 0: off)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute precision (profile default; 4: activations rounded to int8 per "
+                        "block, fastest on CPU; 0: float activations, the source's arithmetic: with --precision "
+                        "int8 on a GGUF, the float model's tokens, at ~0.4x the speed)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the float source")

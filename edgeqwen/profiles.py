@@ -472,7 +472,7 @@ def _host_facts(base: dict[str, Any], host: HostInfo) -> dict[str, Any]:
         notes.append(f"total RAM unknown, budget defaults to {budget} MB")
     isa = " ".join(host.isa) or "baseline"
     desc = (f"This machine: {host.cpu_model} ({host.arch}, {host.cores} cores, ISA: {isa}), "
-            f"{host.ram_mb} MB RAM on {host.os}. int4 weights with int8 activations (accuracy_level 4), "
+            f"{host.ram_mb} MB RAM on {host.os}. Defaults: int4 weights with int8 activations (accuracy_level 4), "
             f"{host.cores} threads, {int(_HOST_RAM_FRACTION * 100)}% of RAM as budget")
     desc += "; note: " + "; ".join(notes) + "." if notes else "."
     return {**base, "threads": max(host.cores, 1), "ram_budget_mb": budget, "description": desc}

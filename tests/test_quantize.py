@@ -472,3 +472,110 @@ def test_calibration_records_every_layers_gram_matrix_once_per_input(qwen2_tied)
             np.testing.assert_allclose(importance[f"{prefix}{onnx_name}.MatMul.weight"], np.diag(want), rtol=1e-4)
     _, mlp_only = input_statistics(qwen2_tied, text, hessian_for=("mlp.",))
     assert not any("attn." in k for k in mlp_only) and f"{prefix}mlp.up_proj.MatMul.weight" in mlp_only
+
+
+def _matmul_8bit(codes: np.ndarray, scales: np.ndarray, zp: np.ndarray | None, block: int) -> onnx.ModelProto:
+    n, blocks, _ = codes.shape
+    inits = [numpy_helper.from_array(codes, "w.qweight"), numpy_helper.from_array(scales.reshape(-1), "w.scales")]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp.reshape(-1).astype(np.uint8), "w.qzeros"))
+    node = helper.make_node("MatMulNBits", ["x", *[t.name for t in inits]], ["y"], name="mm", domain="com.microsoft",
+                            K=blocks * block, N=n, bits=8, block_size=block, accuracy_level=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, blocks * block])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("code_bits,with_zp,block,halves", [(5, True, 32, 2), (6, True, 16, 2), (8, True, 32, 2),
+                                                            (8, False, 32, 2), (4, True, 32, 1)])
+def test_eight_bit_weights_split_into_4_bit_halves_compute_the_same_product(code_bits, with_zp, block, halves):
+    """GGUF Q5_0 / Q6_K copies (5-, 6-bit codes), full 8-bit codes, the kernel's default zero point (128), and
+    codes that fit 4 bits (one half, no Add): the split graph multiplies by exactly the same weights."""
+    from edgeqwen.export.halves import split_eight_bit
+
+    rng = np.random.default_rng(code_bits * 10 + block)
+    n, blocks = 24, 3
+    codes = rng.integers(0, 2 ** code_bits, (n, blocks, block)).astype(np.uint8)
+    zp = rng.integers(0, 2 ** code_bits, (n, blocks)).astype(np.uint8) if with_zp else None
+    scales = rng.uniform(0.01, 0.1, (n, blocks)).astype(np.float32)
+    model = _matmul_8bit(codes, scales, zp, block)
+    x = rng.normal(0, 1, (5, blocks * block)).astype(np.float32)
+    z = (zp if with_zp else np.full((n, blocks), 128)).astype(np.float32)
+    w = ((codes.astype(np.float32) - z[..., None]) * scales[..., None]).reshape(n, -1)  # [N, K]
+
+    nodes, inits, count, added = split_eight_bit(list(model.graph.node), list(model.graph.initializer))
+    assert count == 1 and [n_.op_type for n_ in nodes] == ["MatMulNBits"] * halves + ["Add"] * (halves - 1)
+    assert all({a.name: a.i for a in n_.attribute}["bits"] == 4 for n_ in nodes if n_.op_type == "MatMulNBits")
+    assert {t.name for t in inits}.isdisjoint({"w.qweight", "w.scales", "w.qzeros"})  # nobody reads them now
+    del model.graph.node[:], model.graph.initializer[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(inits)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def test_eight_bit_halves_in_an_int8_graph_keep_the_shared_embedding_codes() -> None:
+    """Float-activation int8 (accuracy level 0, halves on): no 8-bit MatMulNBits is left, the tied
+    embedding's gather still reads the 8-bit codes, and the logits equal the unsplit graph's."""
+    embed, head, down, odd = toy_weights(tied=True)
+    outs, graphs = [], []
+    for halves in (False, True):
+        model = toy_graph(embed, head, down, odd)
+        plan = QuantPlan(precision="int8", algo="k_quant", accuracy_level=0, embed_bits=8, lm_head_bits=8,
+                         eight_bit_halves=halves)
+        report = quantize_graph(model, ExternalWeights(model, Path(".")), plan)
+        outs.append(run(model, IDS))
+        graphs.append(model)
+    assert report.tied is not None and report.halves["weights"] == 2  # lm_head and the body weight
+    nbits = [{a.name: a.i for a in n.attribute}["bits"] for n in graphs[1].graph.node if n.op_type == "MatMulNBits"]
+    assert nbits == [4, 4, 4, 4]
+    gbq = next(n for n in graphs[1].graph.node if n.op_type == "GatherBlockQuantized")
+    assert gbq.input[0] in {t.name for t in graphs[1].graph.initializer}
+    assert report.summary()["eight_bit_halves"] == report.halves
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision,gguf_mode,shared", [("int4", "balanced", True), ("int4", "faithful", False),
+                                                        ("int8", "balanced", False)])
+def test_slightly_different_tables_are_shared_only_where_values_are_not_promised_exact(precision, gguf_mode,
+                                                                                       shared) -> None:
+    """An untied GGUF whose embedding and lm_head differ by a few % (the 0.5B: Q5_0 vs Q8_0, 4.4%): int4 shares
+    one matrix to save size; int8 and "faithful" bundles, which promise the source's values, keep both."""
+    embed, head, down, odd = toy_weights(tied=True)
+    head = head + np.random.default_rng(4).normal(0, 0.03, head.shape).astype(np.float32)  # ~3% apart
+    model = toy_graph(embed, head, down, odd)
+    bits = 8 if precision == "int8" else 4
+    report = quantize_graph(model, ExternalWeights(model, Path(".")),
+                            QuantPlan(precision=precision, gguf_mode=gguf_mode, embed_bits=bits, lm_head_bits=bits))
+    assert (report.tied is not None) is shared
+    if shared:
+        assert 0.01 < report.tied["relative_difference"] < 0.08
+
+
+def test_cli_accuracy_level_0_int8_gets_4_bit_halves(tiny_models, tmp_path, allow_tiny, capsys) -> None:
+    """`--precision int8 --accuracy-level 0` on the CPU profile: float activations through 4-bit halves (no
+    8-bit MatMulNBits left), verified against the float source; a GPU profile keeps its 8-bit kernels."""
+    from edgeqwen import runtime
+    from edgeqwen.cli import main
+
+    out = tmp_path / "exact"
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(out), "--precision", "int8",
+                 "--accuracy-level", "0", "--json"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.profile["accuracy_level"] == 0 and manifest.quantization["plan"]["eight_bit_halves"]
+    assert manifest.quantization["summary"]["eight_bit_halves"]["weights"] == 2 * 5 + 1  # qkv, o, gate, up, down; lm_head
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    bits = Counter({a.name: a.i for a in n.attribute}["bits"] for n in graph.node if n.op_type == "MatMulNBits")
+    levels = {{a.name: a.i for a in n.attribute}["accuracy_level"] for n in graph.node if n.op_type == "MatMulNBits"}
+    assert bits[8] == 0 and bits[4] >= 2 * 11 and levels == {0}
+    assert manifest.verification["passed"]
+    model = runtime.load(out)
+    assert model.generate("def add(a, b):", max_new_tokens=4, temperature=0).tokens
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(tiny_models["qwen2_untied"]), "-o", str(tmp_path / "bad"), "--accuracy-level", "7"])
+    assert exit_.value.code == 2
+    assert "--accuracy-level" in capsys.readouterr().err
+    gpu = tmp_path / "gpu"  # CUDA has its own 8-bit kernels: no halves there
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(gpu), "--device", "cuda", "--precision",
+                 "int8", "--no-verify", "--json"]) == 0
+    assert read_manifest(gpu).quantization["plan"]["eight_bit_halves"] is False

@@ -175,20 +175,21 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
            gguf_mode: str | None = None, force: bool = False, verify: bool = True, progress: bool = True,
            threads: int | None = None, eight_bit: list[str] | str | None = None,
            vocab_refine: int | None = None, vocab_bits: int | None = None,
-           smooth_alpha: float | None = None) -> ExportResult:
+           smooth_alpha: float | None = None, accuracy_level: int | None = None) -> ExportResult:
     """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``.
 
     ``eight_bit`` replaces the profile's list of int4 weights kept at 8 bits (``[]``: none, the smallest and
     fastest bundle; the profiles' default is attention, gate projections, ``"lm_head"`` and ``"measured"``).
     ``vocab_refine`` overrides the profile's number of lm_head candidates rescored at full precision (0: none),
     ``vocab_bits`` the bits of that refined vocabulary matrix (6 or 8), ``smooth_alpha`` the SmoothQuant
-    strength for the attention input (0: off; ``smooth.py``)."""
+    strength for the attention input (0: off; ``smooth.py``), ``accuracy_level`` the MatMulNBits compute
+    precision (4: int8 activations, fast; 0: float activations, exact arithmetic, slower; ``halves.py``)."""
     from .graph import LOGITS_WINDOW, adjust_genai_config, build_fast_graph, build_portable_graph, write_genai_graph
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
                               context=context, gguf_mode=gguf_mode, eight_bit=eight_bit, vocab_refine=vocab_refine,
-                              vocab_bits=vocab_bits, smooth_alpha=smooth_alpha)
+                              vocab_bits=vocab_bits, smooth_alpha=smooth_alpha, accuracy_level=accuracy_level)
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
     if profile.backend == "portable":
@@ -298,6 +299,12 @@ def _eight_bit(profile: Profile, src) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _float_activations_on_cpu(profile: Profile) -> bool:
+    """Whether 8-bit weights must become 4-bit halves: onnxruntime's CPU kernels for 8-bit MatMulNBits
+    round the activations to int8 (accuracy level 4); at level 0 or 1 they dequantize the whole matrix per call."""
+    return profile.backend == "fast" and profile.providers[0] == "cpu" and profile.accuracy_level in (0, 1)
+
+
 def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
     import onnx
 
@@ -323,7 +330,8 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
                      embed_bits=4 if profile.precision == "int4" else 8,
                      lm_head_bits=head_bits, shared_bits=head_bits, eight_bit=eight_bit,
                      vocab_refine=profile.vocab_refine, vocab_bits=profile.vocab_bits,
-                     block_size_8bit=profile.block_size_8bit, smooth_alpha=profile.smooth_alpha)
+                     block_size_8bit=profile.block_size_8bit, smooth_alpha=profile.smooth_alpha,
+                     eight_bit_halves=_float_activations_on_cpu(profile))
     importance = hessians = None
     smoothed: dict = {}
     if plan.algo in ("k_quant", "gptq"):
@@ -398,5 +406,6 @@ def _print_verification(result) -> None:
         table.add_row(t.name, str(t.tokens), f"{t.agreement:.1%}", f"{t.perplexity:.3f}",
                       f"{t.reference_perplexity:.3f}", f"{t.ratio:.3f}")
     verdict = "[green]passed[/]" if result.passed else "[red]FAILED[/]"
-    Console(stderr=True).print(table, f"      {verdict} (min agreement {result.min_agreement:.0%}, "
-                                      f"max ratio {result.max_ratio})")
+    Console(stderr=True).print(table, f"      {verdict}: agreement over all texts {result.agreement:.1%} "
+                                      f"(min {result.min_agreement:.0%}), worst ratio {result.worst_ratio:.3f} "
+                                      f"(max {result.max_ratio})")

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 from .blockquant import BlockQuantized, quantize, quantize_rtn, split_coarse
+from .halves import split_eight_bit
 
 MS_DOMAIN = "com.microsoft"
 
@@ -38,7 +39,8 @@ class QuantPlan:
     lm_head_bits: int | None = 4
     gguf_mode: str = "balanced"  # fast | balanced | faithful (gguf_repack.py): only when the source is a GGUF file
     # One 8-bit matrix serves as both embedding table and lm_head when the two are the same weights (tied,
-    # or untied copies that differ only by quantization noise, as in GGUF files made from tied checkpoints).
+    # or, in int4 bundles, untied copies that differ only by quantization noise, as in GGUF files made from
+    # tied checkpoints). Bundles that promise exact values (int8, "faithful") share only identical tables.
     share_embeddings: bool = True
     shared_bits: int = 8
     tie_tolerance: float = 0.08  # max relative Frobenius difference to treat embed and lm_head as one matrix
@@ -54,6 +56,21 @@ class QuantPlan:
     vocab_bits: int = 8
     # SmoothQuant strength for the attention input of q/k/v weights refit at 8 bits (smooth.py; 0: off)
     smooth_alpha: float = 0.0
+    # Store 8-bit weights as two exact 4-bit halves (halves.py): float-activation CPU profiles, where
+    # onnxruntime has no fast 8-bit kernel below accuracy level 4.
+    eight_bit_halves: bool = False
+
+    @property
+    def promises_exact(self) -> bool:
+        """int8 and "faithful" bundles keep the source's values where the kernels can express them."""
+        return self.precision != "int4" or self.gguf_mode == "faithful"
+
+    @property
+    def effective_tie_tolerance(self) -> float:
+        """Sharing one matrix for two different tables would change one of them: not in exact bundles
+        (the 0.5B GGUF's Q5_0 embedding and Q8_0 lm_head differ by 4.4%: sharing cost its int8 bundle
+        0.7–0.9 points of agreement and a licence perplexity ratio of 1.009 against 1.002)."""
+        return 0.0 if self.promises_exact else self.tie_tolerance
 
     @property
     def refit_block_8bit(self) -> int | None:
@@ -78,6 +95,7 @@ class QuantReport:
     float_bytes: int = 0
     quant_bytes: int = 0
     tied: dict | None = None  # set when embedding and lm_head share one quantized matrix
+    halves: dict | None = None  # set when 8-bit weights were stored as 4-bit halves (halves.py)
 
     def add(self, name: str, how: str, bq: BlockQuantized, float_bytes: int) -> None:
         self.tensors[name] = {"how": how, "bits": bq.bits, "block_size": bq.block_size, "shape": [bq.n, bq.k]}
@@ -98,6 +116,7 @@ class QuantReport:
             key = f"{t['how']}/{t['bits']}bit"
             hows[key] = hows.get(key, 0) + 1
         return {"tensors": len(self.tensors), "by_method": hows, "shared_embeddings": self.tied,
+                "eight_bit_halves": self.halves,
                 "float_mb": round(self.float_bytes / 2**20, 1), "quant_mb": round(self.quant_bytes / 2**20, 1)}
 
 
@@ -446,7 +465,7 @@ def quantize_graph(
         if emb.shape == lm.shape[::-1] and emb.shape[1] % plan.block_size == 0:
             lm_nk = np.ascontiguousarray(lm.T)
             diff = float(np.linalg.norm(emb - lm_nk) / max(float(np.linalg.norm(lm_nk)), 1e-30))
-            if diff <= plan.tie_tolerance:
+            if diff <= plan.effective_tie_tolerance:
                 bq, how = coder(head.input[1], lm_nk, plan.shared_bits, "lm_head")
                 nodes, head_nodes, inits = _lm_head(gather, head, bq, lm_nk, how + f"+shared-embedding(diff {diff:.3f})",
                                                     plan, dtype, report, lm.nbytes + emb.nbytes)
@@ -478,9 +497,8 @@ def quantize_graph(
                 new_inits.extend(inits)
                 continue
             if bq.offsets is not None:
-                exact = plan.precision != "int4" or plan.gguf_mode == "faithful"  # bundles that promise exact values
                 new, inits = _offset_correction(node, bq, wname, plan.accuracy_level, dtype,
-                                                stored=dtype if exact else np.float16)
+                                                stored=dtype if plan.promises_exact else np.float16)
             else:
                 matmul, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level, dtype)
                 new = [matmul]
@@ -500,6 +518,11 @@ def quantize_graph(
         replaced.add(wname)
         new_nodes.extend(new)
         new_inits.extend(inits)
+    if plan.eight_bit_halves:
+        new_nodes, new_inits, count, added = split_eight_bit(new_nodes, new_inits)
+        if count:
+            report.halves = {"weights": count, "added_mb": round(added / 2**20, 1)}
+            report.quant_bytes += added
     del graph.node[:]
     graph.node.extend(new_nodes)
     kept = [t for t in graph.initializer if t.name not in replaced]
