@@ -21,20 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .blockquant import BlockQuantized
+
 MS_DOMAIN = "com.microsoft"
-
-
-def _pack4(codes: np.ndarray) -> np.ndarray:
-    """[..., 2k] values < 16 → [..., k] bytes, element 2i in the low nibble (MatMulNBits' layout)."""
-    c = codes.astype(np.uint8)
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
-
-
-def _pack_zero_points(z: np.ndarray) -> np.ndarray:
-    """[N, blocks] 4-bit zero points → [N * ceil(blocks / 2)] bytes (each row padded to whole bytes)."""
-    if z.shape[1] % 2:
-        z = np.concatenate([z, np.zeros((z.shape[0], 1), z.dtype)], axis=1)
-    return _pack4(z).reshape(-1)
 
 
 def split_codes(codes: np.ndarray, zero_points: np.ndarray) -> tuple[int, tuple, tuple]:
@@ -81,9 +70,10 @@ def split_eight_bit(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) 
         outs = []
         for tag, q, z, s in halves:
             names = [f"{base}.{tag}.qweight", f"{base}.{tag}.scales", f"{base}.{tag}.qzeros"]
-            tensors = [numpy_helper.from_array(_pack4(q), names[0]),
+            half = BlockQuantized(q.reshape(n, -1).astype(np.uint8), s, z.astype(np.uint8), 4, block, k)
+            tensors = [numpy_helper.from_array(half.packed_codes(), names[0]),
                        numpy_helper.from_array(s.reshape(-1).astype(scales.dtype), names[1]),
-                       numpy_helper.from_array(_pack_zero_points(z), names[2])]
+                       numpy_helper.from_array(half.packed_zero_points().reshape(-1), names[2])]
             added += tensors
             delta += sum(numpy_helper.to_array(x).nbytes for x in tensors)
             out = node.output[0] if len(halves) == 1 else f"{node.output[0]}/{tag}"
