@@ -75,7 +75,7 @@ def split_eight_bit(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) 
                        numpy_helper.from_array(s.reshape(-1).astype(scales.dtype), names[1]),
                        numpy_helper.from_array(half.packed_zero_points().reshape(-1), names[2])]
             added += tensors
-            delta += sum(numpy_helper.to_array(x).nbytes for x in tensors)
+            delta += sum(len(x.raw_data) for x in tensors)
             out = node.output[0] if len(halves) == 1 else f"{node.output[0]}/{tag}"
             outs.append(out)
             out_nodes.append(helper.make_node(
@@ -87,7 +87,7 @@ def split_eight_bit(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) 
             readers[name] -= 1
             if name and readers[name] == 0:
                 dropped.add(name)
-                delta -= numpy_helper.to_array(by_name[name]).nbytes
+                delta -= len(by_name[name].raw_data)  # from_array stores raw bytes
         count += 1
     kept = [t for t in inits if t.name not in dropped]
     return out_nodes, kept + added, count, delta
