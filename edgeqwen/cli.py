@@ -322,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4: SmoothQuant strength moving the attention input's outlier channels into the 8-bit "
                         "q/k/v weights before accuracy level 4 rounds it (profile default 0.5; 0: off)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits compute precision (profile default; 4: activations rounded to int8 per "
-                        "block, fastest on CPU; 0: float activations, the source's arithmetic: with --precision "
-                        "int8 on a GGUF, the float model's tokens, at ~0.4x the speed)")
+                   help="MatMulNBits compute precision (profile defaults on CPU: 4 for int4, 0 for int8 and "
+                        "--gguf-mode faithful; 4: activations rounded to int8 per block, fastest; 0: float "
+                        "activations, the source's arithmetic: int8 from a GGUF gives the float model's tokens, "
+                        "at ~0.4x the speed of level 4)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the float source")

@@ -69,8 +69,8 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "block_size_8bit", "accuracy_level", "eight_bit", "vocab_refine", "vocab_bits", "smooth_alpha", "io_dtype",
-    "context", "threads", "ram_budget_mb", "provider_options",
+    "block_size_8bit", "accuracy_level", "exact_accuracy_level", "eight_bit", "vocab_refine", "vocab_bits",
+    "smooth_alpha", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
 _MANIFEST_EXTRA_KEYS = ("source", "host")
@@ -250,6 +250,7 @@ _CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "block_size": _choice(BLOCK_SIZES),
     "block_size_8bit": _choice(BLOCK_SIZES),
     "accuracy_level": _int_range(0, 4),
+    "exact_accuracy_level": _int_range(0, 4),
     "eight_bit": _check_eight_bit,
     "vocab_refine": _int_range(0, VOCAB_REFINE_MAX),
     "vocab_bits": _choice(VOCAB_BITS),
@@ -295,6 +296,9 @@ class Profile:
     block_size: int = 32
     block_size_8bit: int = DEFAULT_BLOCK_SIZE_8BIT  # int4 bundles: block of the weights kept at 8 bits
     accuracy_level: int = 4
+    # int8 and "faithful" bundles, which promise the source's values: 0 (float activations) keeps that
+    # promise in the arithmetic too; 4 rounds activations to int8 like int4 bundles, ~2.4x faster decode.
+    exact_accuracy_level: int = 0
     eight_bit: tuple[str, ...] = DEFAULT_EIGHT_BIT  # int4 bundles: weights matching these stay 8-bit
     vocab_refine: int = DEFAULT_VOCAB_REFINE  # int4 + 8-bit vocabulary: candidates rescored at 8 bits
     vocab_bits: int = DEFAULT_VOCAB_BITS  # int4 + refined vocabulary: 8, or 6 (4-bit coarse + 2-bit residual)
@@ -472,7 +476,8 @@ def _host_facts(base: dict[str, Any], host: HostInfo) -> dict[str, Any]:
         notes.append(f"total RAM unknown, budget defaults to {budget} MB")
     isa = " ".join(host.isa) or "baseline"
     desc = (f"This machine: {host.cpu_model} ({host.arch}, {host.cores} cores, ISA: {isa}), "
-            f"{host.ram_mb} MB RAM on {host.os}. Defaults: int4 weights with int8 activations (accuracy_level 4), "
+            f"{host.ram_mb} MB RAM on {host.os}. Defaults: int4 weights with int8 activations (accuracy_level 4; "
+            f"int8 bundles keep float activations), "
             f"{host.cores} threads, {int(_HOST_RAM_FRACTION * 100)}% of RAM as budget")
     desc += "; note: " + "; ".join(notes) + "." if notes else "."
     return {**base, "threads": max(host.cores, 1), "ram_budget_mb": budget, "description": desc}

@@ -151,6 +151,7 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path):
     ("providers", ["tpu"], ["cpu", "cuda", "qnn"]),
     ("context", 100, ["256", "131072"]),
     ("accuracy_level", 7, ["0", "4"]),
+    ("exact_accuracy_level", -1, ["0", "4"]),
     ("eight_bit", ["mlp.gate"], ["measured", "attn.", "mlp.gate_proj", "layers.N."]),
     ("vocab_refine", -1, ["0", "1024"]),
     ("vocab_refine", 5000, ["0", "1024"]),

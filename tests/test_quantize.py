@@ -295,7 +295,10 @@ def test_quantized_bundles_have_only_block_quantized_weights(int4_bundle, int8_b
     bundle = int4_bundle if precision == "int4" else int8_bundle
     model, ops = ops_of(bundle)
     inits = {t.name for t in model.graph.initializer}
-    assert ops["MatMulNBits"] == 5 * LAYERS + 1  # packed qkv, o, gate, up, down per layer + lm_head
+    # packed qkv, o, gate, up, down per layer + lm_head; int8 on the CPU profile computes with float
+    # activations (exact_accuracy_level 0), so each 8-bit weight is two exact 4-bit halves + an Add
+    halves = 2 if precision == "int8" else 1
+    assert ops["MatMulNBits"] == halves * (5 * LAYERS + 1)
     # int4: the lm_head is split in a 4-bit half and a 2-bit residual, whose candidate rows two more gathers read
     refined = precision == "int4"
     assert ops["GatherBlockQuantized"] == (3 if refined else 1) and ops["GroupQueryAttention"] == LAYERS
@@ -313,9 +316,14 @@ def test_quantized_bundles_have_only_block_quantized_weights(int4_bundle, int8_b
     for node in model.graph.node:
         if node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["block_size"] == 32
+            if precision == "int8":  # the halves: 4-bit codes, float activations
+                assert node.input[1].endswith((".hi.qweight", ".lo.qweight"))
+                assert attrs["bits"] == 4 and attrs["accuracy_level"] == 0
+                continue
             name = node.input[1].replace(".qweight", ".weight")
             assert attrs["bits"] == (4 if str(tensors[name]["bits"]).startswith("4+") else tensors[name]["bits"])
-            assert attrs["block_size"] == 32
+            assert attrs["accuracy_level"] == 4
     bits = {name: t["bits"] for name, t in tensors.items()}
     if precision == "int8":
         assert set(bits.values()) == {8}
@@ -336,6 +344,22 @@ def test_tied_int4_bundle_stores_the_shared_matrix_once(int4_tied_bundle) -> Non
     assert len({n.input[0] for n in gathers}) == 2
     assert read_manifest(int4_tied_bundle).quantization["summary"]["shared_embeddings"]["bits"] == "4+2"
     assert ops["MatMulNBits"] == 5 * LAYERS + 1
+
+
+@pytest.mark.parametrize("device, overrides, level, halves", [
+    ("host", {}, 4, False),                                     # int4: int8 activations, fast
+    ("host", {"precision": "int8"}, 0, True),                   # int8 promises exact values: float activations
+    ("host", {"gguf_mode": "faithful"}, 0, True),               # so does "faithful"
+    ("host", {"precision": "int8", "exact_accuracy_level": 4}, 4, False),
+    ("host", {"accuracy_level": 0}, 0, True),                   # int4 asked for float activations
+    ("cuda", {"precision": "int8"}, 0, False),                  # GPU kernels need no halves
+])
+def test_accuracy_level_follows_what_the_bundle_promises(device, overrides, level, halves) -> None:
+    from edgeqwen.export import _accuracy_level, _float_activations_on_cpu
+    from edgeqwen.profiles import load_profile
+
+    profile = load_profile(device, **overrides)
+    assert _accuracy_level(profile) == level and _float_activations_on_cpu(profile) is halves
 
 
 def test_int4_keeps_profile_kinds_and_the_models_measured_layers_at_8_bits():
@@ -552,25 +576,39 @@ def test_slightly_different_tables_are_shared_only_where_values_are_not_promised
         assert 0.01 < report.tied["relative_difference"] < 0.08
 
 
-def test_cli_accuracy_level_0_int8_gets_4_bit_halves(tiny_models, tmp_path, allow_tiny, capsys) -> None:
-    """`--precision int8 --accuracy-level 0` on the CPU profile: float activations through 4-bit halves (no
-    8-bit MatMulNBits left), verified against the float source; a GPU profile keeps its 8-bit kernels."""
+def _kernels(bundle: Path) -> tuple[Counter, set]:
+    """(bits -> count, accuracy levels) of the bundle's MatMulNBits nodes."""
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
+    attrs = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
+    return Counter(a["bits"] for a in attrs), {a["accuracy_level"] for a in attrs}
+
+
+def test_cli_int8_computes_with_float_activations_unless_asked_for_level_4(tiny_models, tmp_path, allow_tiny,
+                                                                            capsys) -> None:
+    """`--precision int8` on the CPU profile: the profile's exact_accuracy_level (0), float activations
+    through 4-bit halves (no 8-bit MatMulNBits left), verified against the float source; `--accuracy-level 4`
+    gives the fast 8-bit kernels back; a GPU profile keeps its 8-bit kernels."""
     from edgeqwen import runtime
     from edgeqwen.cli import main
 
     out = tmp_path / "exact"
-    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(out), "--precision", "int8",
-                 "--accuracy-level", "0", "--json"]) == 0
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(out), "--precision", "int8", "--json"]) == 0
     manifest = read_manifest(out)
-    assert manifest.profile["accuracy_level"] == 0 and manifest.quantization["plan"]["eight_bit_halves"]
+    assert manifest.profile["accuracy_level"] == 4 and manifest.profile["exact_accuracy_level"] == 0
+    assert manifest.quantization["plan"]["accuracy_level"] == 0
+    assert manifest.quantization["plan"]["eight_bit_halves"]
     assert manifest.quantization["summary"]["eight_bit_halves"]["weights"] == 2 * 5 + 1  # qkv, o, gate, up, down; lm_head
-    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
-    bits = Counter({a.name: a.i for a in n.attribute}["bits"] for n in graph.node if n.op_type == "MatMulNBits")
-    levels = {{a.name: a.i for a in n.attribute}["accuracy_level"] for n in graph.node if n.op_type == "MatMulNBits"}
+    bits, levels = _kernels(out)
     assert bits[8] == 0 and bits[4] >= 2 * 11 and levels == {0}
     assert manifest.verification["passed"]
     model = runtime.load(out)
     assert model.generate("def add(a, b):", max_new_tokens=4, temperature=0).tokens
+    fast = tmp_path / "fast"  # the flag sets the level of whatever is exported
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(fast), "--precision", "int8",
+                 "--accuracy-level", "4", "--no-verify", "--json"]) == 0
+    assert read_manifest(fast).quantization["plan"]["eight_bit_halves"] is False
+    bits, levels = _kernels(fast)
+    assert bits == Counter({8: 11}) and levels == {4}
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(tiny_models["qwen2_untied"]), "-o", str(tmp_path / "bad"), "--accuracy-level", "7"])
     assert exit_.value.code == 2

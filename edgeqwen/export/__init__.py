@@ -189,7 +189,8 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
                               context=context, gguf_mode=gguf_mode, eight_bit=eight_bit, vocab_refine=vocab_refine,
-                              vocab_bits=vocab_bits, smooth_alpha=smooth_alpha, accuracy_level=accuracy_level)
+                              vocab_bits=vocab_bits, smooth_alpha=smooth_alpha, accuracy_level=accuracy_level,
+                              exact_accuracy_level=accuracy_level)  # one flag: the level of whatever is exported
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
     if profile.backend == "portable":
@@ -299,10 +300,19 @@ def _eight_bit(profile: Profile, src) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def _accuracy_level(profile: Profile) -> int:
+    """The MatMulNBits compute precision of this export: the profile's ``exact_accuracy_level`` (float
+    activations by default) for bundles that promise exact values, its ``accuracy_level`` for int4."""
+    from .quantize import promises_exact
+
+    exact = promises_exact(profile.precision, profile.gguf_mode)
+    return profile.exact_accuracy_level if exact else profile.accuracy_level
+
+
 def _float_activations_on_cpu(profile: Profile) -> bool:
     """Whether 8-bit weights must become 4-bit halves: onnxruntime's CPU kernels for 8-bit MatMulNBits
     round the activations to int8 (accuracy level 4); at level 0 or 1 they dequantize the whole matrix per call."""
-    return profile.backend == "fast" and profile.providers[0] == "cpu" and profile.accuracy_level in (0, 1)
+    return profile.backend == "fast" and profile.providers[0] == "cpu" and _accuracy_level(profile) in (0, 1)
 
 
 def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
@@ -326,7 +336,7 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
     eight_bit = _eight_bit(profile, src)  # the weights whose int4 error costs the most (sensitivity.py)
     head_bits = 8 if profile.precision != "int4" or "lm_head" in eight_bit else 4
     plan = QuantPlan(precision=profile.precision, algo=profile.quant_algo, block_size=profile.block_size,
-                     accuracy_level=profile.accuracy_level, gguf_mode=profile.gguf_mode,
+                     accuracy_level=_accuracy_level(profile), gguf_mode=profile.gguf_mode,
                      embed_bits=4 if profile.precision == "int4" else 8,
                      lm_head_bits=head_bits, shared_bits=head_bits, eight_bit=eight_bit,
                      vocab_refine=profile.vocab_refine, vocab_bits=profile.vocab_bits,

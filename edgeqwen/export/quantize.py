@@ -27,6 +27,11 @@ from .halves import split_eight_bit
 MS_DOMAIN = "com.microsoft"
 
 
+def promises_exact(precision: str, gguf_mode: str) -> bool:
+    """int8 and "faithful" bundles keep the source's values where the kernels can express them."""
+    return precision != "int4" or gguf_mode == "faithful"
+
+
 @dataclass(frozen=True)
 class QuantPlan:
     """What to quantize and how; derived from the device profile plus command-line overrides."""
@@ -62,8 +67,7 @@ class QuantPlan:
 
     @property
     def promises_exact(self) -> bool:
-        """int8 and "faithful" bundles keep the source's values where the kernels can express them."""
-        return self.precision != "int4" or self.gguf_mode == "faithful"
+        return promises_exact(self.precision, self.gguf_mode)
 
     @property
     def effective_tie_tolerance(self) -> float:

