@@ -275,7 +275,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lookup", type=int, default=None, metavar="N",
                    help="prompt lookup: tokens drafted per step from earlier text, 0 = off (default: 4 on bundles "
-                        "that support it)")
+                        "where it is cheap: the fast graph, except quantized bundles with float activations on CPU)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tokens/s and peak memory")
 

@@ -140,6 +140,19 @@ def test_lookup_is_on_by_default_for_the_fast_graph_only(fp32_bundles, portable_
     assert off.stats["lookup_drafted"] == 0 and off.tokens == result.tokens
 
 
+def test_lookup_is_off_by_default_where_the_cpu_kernels_compute_with_float_activations(int4_bundle,
+                                                                                       int8_bundle) -> None:
+    """int8 bundles compute with float activations on CPU (exact_accuracy_level 0), whose MatMulNBits costs
+    ~3.5x as much at five rows as at one: drafts would slow decoding. int4 (level 4) keeps lookup on; asked
+    for explicitly, it still runs on int8."""
+    fast, exact = runtime.load(int4_bundle, threads=1), runtime.load(int8_bundle, threads=1)
+    assert exact.manifest.quantization["plan"]["accuracy_level"] == 0
+    assert fast._lookup(None) == 4 and exact._lookup(None) == 0
+    assert exact.generate(REPEATING, max_new_tokens=24, stop_token_ids=[]).stats["lookup_drafted"] == 0
+    asked = exact.generate(REPEATING, max_new_tokens=24, stop_token_ids=[], lookup=4)
+    assert asked.stats["lookup_drafted"] > 0
+
+
 def test_sampling_with_lookup_is_reproducible(fp32_bundles) -> None:
     model = runtime.load(fp32_bundles["qwen2_untied"], threads=1)
     ids = model.encode(REPEATING)
