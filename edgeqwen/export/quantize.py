@@ -22,9 +22,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import ExportError
 from .blockquant import BlockQuantized, quantize, quantize_rtn, split_coarse
-from .halves import split_eight_bit
-
-MS_DOMAIN = "com.microsoft"
+from .halves import MS_DOMAIN, split_eight_bit
 
 
 def promises_exact(precision: str, gguf_mode: str) -> bool:
