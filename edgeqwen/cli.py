@@ -82,14 +82,69 @@ def cmd_export(args) -> int:
 
 
 def _gen_options(args) -> dict:
-    opts = {"max_new_tokens": args.max_new_tokens}
-    for key in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "lookup"):
+    opts: dict[str, Any] = {}
+    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                "presence_penalty", "frequency_penalty", "seed", "lookup", "enable_thinking"):
         value = getattr(args, key)
         if value is not None:
             opts[key] = value
     if args.stop:
         opts["stop"] = args.stop
+    if args.stop_token_id:
+        opts["stop_token_ids"] = args.stop_token_id
+    if args.truncate != "error":
+        opts["truncate"] = args.truncate
     return opts
+
+
+class _ReplyPrinter:
+    """Prints a streamed chat reply: Qwen3's thinking (<think>...</think>) dimmed on stderr, the answer on
+    stdout, so ``edgeqwen run B "q" > answer.txt`` keeps the answer alone and the terminal still shows both."""
+
+    def __init__(self, *, thinking_open: bool, show_thinking: bool):
+        from .runtime.chat import DeltaSplitter
+
+        self.splitter = DeltaSplitter(tools=False, thinking_open=thinking_open)
+        self.show_thinking = show_thinking
+        self.dim = sys.stderr.isatty()
+        self.in_thinking = False
+
+    def feed(self, piece: str) -> None:
+        for kind, text in self.splitter.feed(piece):
+            self._write(kind, text)
+
+    def finish(self) -> None:
+        for kind, text in self.splitter.finish():
+            self._write(kind, text)
+        self._end_thinking()
+        print(flush=True)
+
+    def _write(self, kind: str, text: str) -> None:
+        if kind == "reasoning":
+            if not self.show_thinking:
+                return
+            if not self.in_thinking:
+                self.in_thinking = True
+                sys.stderr.write(("\033[2m" if self.dim else "") + "thinking: ")
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            return
+        self._end_thinking()
+        print(text, end="", flush=True)
+
+    def _end_thinking(self) -> None:
+        if self.in_thinking:
+            self.in_thinking = False
+            sys.stderr.write(("\033[0m" if self.dim else "") + "\n")
+            sys.stderr.flush()
+
+
+def _opens_thinking(model, messages: list[dict], enable_thinking: bool | None) -> bool:
+    """True when the rendered prompt ends inside <think> (thinking-only templates): the reply starts there."""
+    try:
+        return model.render(messages, enable_thinking=enable_thinking).rstrip().endswith("<think>")
+    except EdgeQwenError:
+        return False  # the real call reports it
 
 
 def _print_stats(stats: dict) -> None:
@@ -112,53 +167,88 @@ def _load(args):
 
 def cmd_run(args) -> int:
     model = _load(args)
-    prompt: Any = args.prompt
-    if not args.raw:
+    options = _gen_options(args)
+    if args.raw:
+        for piece in model.stream(args.prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+    else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
-    options = _gen_options(args)
-    pieces = model.stream(prompt, **options)
-    for piece in pieces:
-        print(piece, end="", flush=True)
-    print()
+        printer = _ReplyPrinter(thinking_open=_opens_thinking(model, prompt, args.enable_thinking),
+                                show_thinking=not args.hide_thinking)
+        for piece in model.stream(prompt, **options):
+            printer.feed(piece)
+        printer.finish()
     if args.stats and model.last_result is not None:
         _print_stats(model.last_result.stats)
     return 0
+
+
+CHAT_HELP = "/reset, /system TEXT, /stats, /help, /quit (Ctrl-C stops an answer, Ctrl-D quits)"
 
 
 def cmd_chat(args) -> int:
     model = _load(args)
     conv = model.chat(system=args.system)
     options = _gen_options(args)
-    print("edgeqwen chat — /reset, /system TEXT, /stats, /quit", file=sys.stderr)
+    print(f"edgeqwen chat: {CHAT_HELP}", file=sys.stderr)
     while True:
         try:
             line = input(">>> ")
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        if not line.strip():
+        command = line.strip()
+        if not command:
             continue
-        if line.strip() in ("/quit", "/exit"):
+        if command in ("/quit", "/exit"):
             return 0
-        if line.strip() == "/reset":
+        if command == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        if command == "/reset":
             conv.reset(args.system)
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if line.startswith("/system"):
-            args.system = line[len("/system"):].strip() or None
+        if command == "/system" or command.startswith("/system "):
+            args.system = command[len("/system"):].strip() or None
             conv.reset(args.system)
             print("(new system prompt; conversation cleared)", file=sys.stderr)
             continue
-        if line.strip() == "/stats":
+        if command == "/stats":
             if conv.last is not None:
                 _print_stats(conv.last.stats)
+            else:
+                print("(no answer yet)", file=sys.stderr)
             continue
-        for piece in conv.stream(line, **options):
-            print(piece, end="", flush=True)
-        print()
-        if args.stats and conv.last is not None:
-            _print_stats(conv.last.stats)
+        if command.startswith("/"):
+            print(f"(unknown command {command.split()[0]}; {CHAT_HELP})", file=sys.stderr)
+            continue
+        _chat_turn(model, conv, line, options, args)
+
+
+def _chat_turn(model, conv, line: str, options: dict, args) -> None:
+    """One answer. An error or Ctrl-C ends the answer, not the session: the conversation stays usable."""
+    thinking_open = _opens_thinking(model, [*conv.messages, {"role": "user", "content": line}],
+                                    args.enable_thinking)
+    printer = _ReplyPrinter(thinking_open=thinking_open, show_thinking=not args.hide_thinking)
+    pieces = conv.stream(line, **options)
+    try:
+        for piece in pieces:
+            printer.feed(piece)
+        printer.finish()
+    except KeyboardInterrupt:
+        pieces.close()  # keeps the part already shown as the assistant's turn
+        printer.finish()
+        print("(answer stopped)", file=sys.stderr)
+        return
+    except EdgeQwenError as e:
+        printer.finish()
+        print(f"edgeqwen: error: {e}", file=sys.stderr)
+        return
+    if args.stats and conv.last is not None:
+        _print_stats(conv.last.stats)
 
 
 def _progress(enabled: bool, desc: str):
@@ -266,17 +356,32 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the profile's)")
     p.add_argument("--context", type=int, default=None, help="max context tokens (<= the bundle's)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit (default 512, or what the context has left when that is less)")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: bundle's config)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lookup", type=int, default=None, metavar="N",
                    help="prompt lookup: tokens drafted per step from earlier text, 0 = off (default: 4 on bundles "
                         "where it is cheap: the fast graph, except quantized bundles with float activations on CPU)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", action="append", type=int, default=None, metavar="ID",
+                   help="stop token id, besides the bundle's end tokens (repeatable)")
+    p.add_argument("--truncate", choices=["error", "left"], default="error",
+                   help="prompt longer than the context allows: 'error' (default) or 'left' (drop the oldest "
+                        "tokens)")
+    think = p.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="enable_thinking", action="store_const", const=True, default=None,
+                       help="Qwen3: let the model think before answering (the template's default)")
+    think.add_argument("--no-think", dest="enable_thinking", action="store_const", const=False,
+                       help="Qwen3: answer without thinking")
+    p.add_argument("--hide-thinking", action="store_true",
+                   help="do not print the thinking (it goes to stderr, dimmed, by default)")
     p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tokens/s and peak memory")
 
 

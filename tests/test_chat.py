@@ -343,3 +343,29 @@ def test_tool_calls_inside_reasoning_are_not_executed():
 
 def test_errors_share_the_sdk_base_class():
     assert issubclass(GenerationError, EdgeQwenError) and issubclass(BundleError, EdgeQwenError)
+
+
+WEATHER = {"get_weather"}
+
+
+@pytest.mark.parametrize("text", [
+    '{"name": "get_weather", "arguments": {"city": "Oslo"}}',
+    '```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```',
+    '[{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}]',
+])
+def test_a_reply_that_is_only_a_json_call_to_an_offered_tool_is_a_call(text):
+    reply = parse_reply(text, tool_names=WEATHER)
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == [("get_weather", {"city": "Oslo"})]
+    assert reply.content == "" and reply.errors == []
+
+
+@pytest.mark.parametrize(("text", "names"), [
+    ('{"name": "get_weather", "arguments": {"city": "Oslo"}}', set()),  # no tools offered
+    ('{"name": "delete_files", "arguments": {}}', WEATHER),  # not an offered tool
+    ('Here: {"name": "get_weather", "arguments": {}}', WEATHER),  # prose around it: an answer, not a call
+    ('{"name": "get_weather", "arguments": [1]}', WEATHER),  # malformed
+    ('{"temperature": 3}', WEATHER),
+])
+def test_json_that_is_not_a_call_stays_content(text, names):
+    reply = parse_reply(text, tool_names=names)
+    assert reply.tool_calls == [] and reply.content == text

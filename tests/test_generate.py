@@ -240,6 +240,14 @@ def test_a_fixed_seed_reproduces_sampled_tokens(models) -> None:
     ({"colour": "red"}, r"Unknown generation option\(s\): colour"),
     ({"stop": ""}, r"stop must be a non-empty string"),
     ({"truncate": "middle"}, r"truncate must be 'error' or 'left', got 'middle'"),
+    ({"stop_token_ids": "151645"}, r"stop_token_ids must be token ids \(integers in 0\.\.\d+\), got '151645'"),
+    ({"stop_token_ids": [2.5]}, r"stop_token_ids must be token ids"),
+    ({"stop_token_ids": [10**9]}, r"stop_token_ids must be token ids"),
+    ({"stop_token_ids": [True]}, r"stop_token_ids must be token ids"),
+    ({"enable_thinking": "false"}, r"enable_thinking must be True, False or None, got 'false'"),
+    ({"tools": "get_weather"}, r"tools must be a list of JSON-schema tool dicts, got str"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, r"tools only applies to chat messages"),
+    ({"enable_thinking": False}, r"enable_thinking only applies to chat messages"),
 ])
 def test_bad_options_name_the_option(models, options: dict, pattern: str) -> None:
     model = models["qwen2_tied"]
@@ -247,6 +255,73 @@ def test_bad_options_name_the_option(models, options: dict, pattern: str) -> Non
         model.generate(PROMPTS["english"], **options)
     with pytest.raises(GenerationError, match=pattern):
         list(model.stream(PROMPTS["english"], **options))
+
+
+def test_a_single_stop_token_id_is_accepted(models) -> None:
+    model = models["qwen2_untied"]
+    as_list = model.generate(PROMPTS["english"], max_new_tokens=12, stop_token_ids=[7])
+    assert model.generate(PROMPTS["english"], max_new_tokens=12, stop_token_ids=7).tokens == as_list.tokens
+
+
+def test_bad_load_arguments_raise_generation_errors(bundles) -> None:
+    bundle = bundles["qwen3"]
+    with pytest.raises(GenerationError, match=r"context='512' is outside 16\.\.512"):
+        runtime.load(bundle, context="512")
+    for chunk in (0, -4, 2.0):
+        with pytest.raises(GenerationError, match=rf"prefill_chunk must be a positive integer .*got {chunk!r}"):
+            runtime.load(bundle, prefill_chunk=chunk)
+    for threads in (0, "2"):
+        with pytest.raises(GenerationError, match=rf"threads must be a positive integer, got {threads!r}"):
+            runtime.load(bundle, threads=threads)
+
+
+def test_the_default_answer_length_fits_what_the_context_has_left(bundles) -> None:
+    """Without max_new_tokens a short context still answers (up to the room left), instead of refusing
+    every prompt for want of the 512 tokens the default would reserve."""
+    model = runtime.load(bundles["qwen2_untied"], threads=1, context=64)
+    ids = model.encode(PROMPTS["english"])
+    room = 64 - len(ids)
+    assert 0 < room < runtime.DEFAULT_MAX_NEW_TOKENS
+    result = model.generate(PROMPTS["english"], stop_token_ids=[])
+    want = greedy(model, ids, room)
+    stop = next((i for i, t in enumerate(want) if t in model.eos_token_ids), len(want))
+    assert result.tokens == want[:stop]
+    assert result.finish_reason == ("length" if stop == room else "stop")
+    with pytest.raises(ContextOverflowError, match=r"max_new_tokens \(60\) exceeds the context \(64\)"):
+        model.generate(PROMPTS["english"], max_new_tokens=60)  # an explicit length is honoured or refused
+    long_text = " ".join([PROMPTS["english"]] * 8)
+    with pytest.raises(ContextOverflowError, match=r"fills the context \(64\), leaving no room") as info:
+        model.generate(long_text)
+    assert "/reset" in info.value.fix
+    half = model.generate(long_text, truncate="left", stop_token_ids=[])  # half the context for the answer
+    assert half.stats["prompt_tokens"] == 32 and len(half.tokens) <= 32
+
+
+def test_a_stream_stopped_early_leaves_its_own_result(models) -> None:
+    model = models["qwen2_tied"]
+    model.generate(PROMPTS["code"], max_new_tokens=4)
+    stream = model.stream(PROMPTS["english"], max_new_tokens=40, stop_token_ids=[])
+    shown = [next(stream) for _ in range(3)]
+    stream.close()
+    result = model.last_result
+    assert result.finish_reason == "cancelled" and result.text == "".join(shown)
+    assert 3 <= len(result.tokens) < 40
+
+
+def test_conversation_history_matches_what_was_shown(models) -> None:
+    model = models["qwen3"]
+    chat = model.chat(system="be brief")
+    with pytest.raises(GenerationError, match="Unknown generation option"):
+        chat.send("hello", colour="red")
+    assert chat.messages == [{"role": "system", "content": "be brief"}]  # a failed turn leaves no trace
+    stream = chat.stream("hello", max_new_tokens=30, stop_token_ids=[])
+    shown = "".join(next(stream) for _ in range(4))
+    stream.close()
+    assert chat.messages[-1]["role"] == "assistant" and chat.last.finish_reason == "cancelled"
+    assert chat.messages[-1]["content"] == chat.last.text and shown.strip().startswith(chat.last.text[:5])
+    reply = chat.send("and again?", max_new_tokens=8, stop_token_ids=[])
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert reply.stats["reused_tokens"] > 0
 
 
 def test_bad_prompts(models) -> None:

@@ -26,7 +26,25 @@ def test_auto_takes_the_profiles_first_available_provider(monkeypatch) -> None:
     monkeypatch.setattr(session.ort, "get_available_providers",
                         lambda: ["DmlExecutionProvider", "CPUExecutionProvider"])
     assert choose_provider("auto", GPU_PROFILE, "fast") == "dml"  # cuda is first but absent
-    assert choose_provider("auto", {"providers": ["coreml"]}, "portable") == "cpu"  # nothing listed is here
+    with pytest.warns(RuntimeWarning, match=r"CoreMLExecutionProvider, this bundle's first choice, is not "
+                                            r"in this onnxruntime build; running on CPU \(install onnxruntime"):
+        assert choose_provider("auto", {"providers": ["coreml", "cpu"]}, "portable") == "cpu"
+
+
+def test_auto_on_a_cpu_profile_is_silent(cpu_only, recwarn) -> None:
+    assert choose_provider("auto", {"providers": ["cpu"]}, "fast") == "cpu"
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_default_threads_are_the_profiles_capped_by_this_machines_cores(monkeypatch) -> None:
+    from edgeqwen.hostinfo import HostInfo
+
+    host = HostInfo(arch="x86_64", cpu_model="test", isa=(), cores=4, ram_mb=8000, os="Linux")
+    monkeypatch.setattr(session, "detect_host", lambda: host)
+    assert session.default_threads({"threads": 0}) == 4  # 0: one per physical core
+    assert session.default_threads({}) == 4
+    assert session.default_threads({"threads": 2}) == 2
+    assert session.default_threads({"threads": 16}) == 4  # a bundle tuned on a bigger machine
 
 
 def test_a_missing_provider_falls_back_to_cpu_naming_the_package(cpu_only) -> None:

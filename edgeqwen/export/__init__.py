@@ -26,7 +26,7 @@ from ..profiles import MEASURED, Profile, check_memory_budget, kv_cache_bytes, l
 __all__ = ["export", "ExportResult"]
 
 BITS_PER_WEIGHT = {"int4": 5.2, "int8": 9.3, "fp16": 16.0, "fp32": 32.0}
-# What blockquant.quantize implements (hqq and gptq through onnxruntime's implementations).
+# What blockquant.quantize implements (hqq through onnxruntime's implementation; gptq is our own port).
 QUANTIZER_ALGOS = ("rtn", "k_quant", "hqq", "gptq")
 # Standard-op graphs: weight-only int8 (DequantizeLinear -> MatMul) or float.
 PORTABLE_PRECISIONS = ("int8", "fp32")

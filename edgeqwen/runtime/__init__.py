@@ -54,7 +54,8 @@ def peak_rss_mb() -> float:
 class Result:
     text: str
     tokens: list[int]
-    finish_reason: str  # "stop" (end token / stop string) | "length"
+    # "stop" (end token / stop string) | "length" | "cancelled" (stream closed early) | "error" (raised mid-answer)
+    finish_reason: str
     stats: dict[str, Any]
     reasoning: str | None = None  # Qwen3 <think>…</think>, when the prompt was chat messages
     tool_calls: list[ToolCall] = field(default_factory=list)
@@ -68,11 +69,15 @@ class Model:
                  prefill_chunk: int):
         self.folder, self.manifest = folder, manifest
         spec = manifest.spec
-        if context is not None and not 16 <= context <= spec.context_length:
-            raise GenerationError(f"context={context} is outside 16..{spec.context_length} for this bundle.",
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                    or not 16 <= context <= spec.context_length):
+            raise GenerationError(f"context={context!r} is outside 16..{spec.context_length} for this bundle.",
                                   "pass a context up to the bundle's context length, or re-export with "
                                   "--context N for a longer one.")
         self.context = context or spec.context_length
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be a positive integer (prompt tokens per run), got "
+                                  f"{prefill_chunk!r}.", f"pass e.g. prefill_chunk={DEFAULT_PREFILL_CHUNK}.")
         self.provider = choose_provider(provider, manifest.profile, manifest.backend)
         # The tokenizer first: parsing tokenizer.json peaks ~45 MB above what it keeps, and that transient
         # heap is handed back before the session exists. Loaded after the session, the same parse raised
@@ -111,6 +116,12 @@ class Model:
 
     def prompt_tokens(self, prompt: str | list[dict], *, tools=None, enable_thinking=None) -> list[int]:
         if isinstance(prompt, str):
+            if tools or enable_thinking is not None:
+                what = "tools" if tools else "enable_thinking"
+                raise GenerationError(f"{what} only applies to chat messages; this prompt is a plain string "
+                                      "(sent as raw text, without the chat template).",
+                                      "pass [{'role': 'user', 'content': text}] instead of the string, or drop "
+                                      f"{what}.")
             return self.encode(prompt)
         if isinstance(prompt, list):
             return self.encode(self.render(prompt, tools=tools, enable_thinking=enable_thinking))
@@ -145,9 +156,7 @@ class Model:
 
     def _run(self, prompt, options: dict, sink: "_Sink") -> Iterator[str]:
         opts = dict(options)
-        max_new = opts.pop("max_new_tokens", None)
-        if max_new is None:  # not `or`: max_new_tokens=0 must be refused below, not become the default
-            max_new = DEFAULT_MAX_NEW_TOKENS
+        max_new = opts.pop("max_new_tokens", None)  # None: the default, capped to the room the context has
         stop = opts.pop("stop", None)
         stop_ids = opts.pop("stop_token_ids", None)
         tools = opts.pop("tools", None)
@@ -161,7 +170,7 @@ class Model:
             raise GenerationError(f"Unknown generation option(s): {', '.join(sorted(unknown))}.",
                                   f"use max_new_tokens, stop, stop_token_ids, tools, enable_thinking, truncate, lookup, "
                                   f"or {', '.join(sorted(sampling_keys))}.")
-        if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1:
+        if max_new is not None and (not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 1):
             raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new!r}.",
                                   "pass e.g. max_new_tokens=256.")
         if truncate not in ("error", "left"):
@@ -171,46 +180,86 @@ class Model:
         if not all(isinstance(s, str) and s for s in stops):
             raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}.",
                                   "pass e.g. stop=['\\n\\n'].")
+        if thinking is not None and not isinstance(thinking, bool):
+            raise GenerationError(f"enable_thinking must be True, False or None, got {thinking!r}.",
+                                  "pass enable_thinking=False to turn Qwen3's thinking off.")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise GenerationError(f"tools must be a list of JSON-schema tool dicts, got {type(tools).__name__}.",
+                                  "pass tools=[{'type': 'function', 'function': {'name': ..., 'parameters': "
+                                  "{...}}}].")
+        stop_set = self.eos_token_ids | self._stop_ids(stop_ids)
         params = SamplingParams.from_generation_config(self.generation_config, **opts).validate()
         ids = self.prompt_tokens(prompt, tools=tools, enable_thinking=thinking)
-        ids = self._fit(ids, max_new, truncate)
-        stop_set = self.eos_token_ids | frozenset(int(t) for t in (stop_ids or []))
+        explicit = max_new is not None
+        if max_new is None:
+            max_new = self._default_max_new(len(ids))
+        ids = self._fit(ids, max_new, truncate, explicit=explicit)
         stats = Stats()
         detok = IncrementalDetokenizer(self.tokenizer)
         matcher = StopMatcher(stops) if stops else None
         tokens: list[int] = []
         parts: list[str] = []
-        finish = "length"
-        for token in generate(self.engine, ids, Sampler(params, ids), StopRule(max_new, stop_set), stats,
-                              lookup=lookup):
-            tokens.append(token)
-            piece, hit = detok.add(token), False
-            if matcher is not None:
-                piece, hit = matcher.feed(piece)
-            if piece:
-                parts.append(piece)
-                yield piece
-            if hit:
-                finish = "stop"
-                break
-        else:
-            finish = "stop" if stats.new_tokens < max_new else "length"
-        if finish == "length" or matcher is None or not matcher.stopped:
-            tail = detok.flush()
-            if matcher is not None:
-                tail, _ = matcher.feed(tail)
-                tail += "" if matcher.stopped else matcher.flush()
-            if tail:
-                parts.append(tail)
-                yield tail
-        text = "".join(parts)
+        finish = "cancelled"  # until the loop ends by itself: the caller closed the stream, or Ctrl-C
+        try:
+            for token in generate(self.engine, ids, Sampler(params, ids), StopRule(max_new, stop_set), stats,
+                                  lookup=lookup):
+                tokens.append(token)
+                piece, hit = detok.add(token), False
+                if matcher is not None:
+                    piece, hit = matcher.feed(piece)
+                if piece:
+                    parts.append(piece)
+                    yield piece
+                if hit:
+                    finish = "stop"
+                    break
+            else:
+                finish = "stop" if stats.new_tokens < max_new else "length"
+            if finish == "length" or matcher is None or not matcher.stopped:
+                tail = detok.flush()
+                if matcher is not None:
+                    tail, _ = matcher.feed(tail)
+                    tail += "" if matcher.stopped else matcher.flush()
+                if tail:
+                    parts.append(tail)
+                    yield tail
+        except Exception:
+            finish = "error"
+            raise
+        finally:  # also on an early stop: last_result then holds what was streamed, not the previous call
+            self._finish(sink, prompt, tools, "".join(parts), tokens, finish, stats)
+
+    def _finish(self, sink: _Sink, prompt, tools, text: str, tokens: list[int], finish: str, stats: Stats) -> None:
         info = stats.as_dict() | {"peak_rss_mb": round(peak_rss_mb(), 1), "provider": self.provider}
         sink.result = Result(text=text, tokens=tokens, finish_reason=finish, stats=info)
         if isinstance(prompt, list):
-            reply: Reply = parse_reply(text)
+            names = {t.get("function", t).get("name") for t in tools or []}
+            reply: Reply = parse_reply(text, tool_names=names - {None})
             sink.result.text, sink.result.reasoning = reply.content, reply.reasoning
             sink.result.tool_calls, sink.result.errors = reply.tool_calls, reply.errors
         self.last_result = sink.result
+
+    def _stop_ids(self, stop_ids: Any) -> frozenset[int]:
+        """The caller's stop token ids, checked: one id or a list of ids inside the vocabulary."""
+        if stop_ids is None:
+            return frozenset()
+        ids = [stop_ids] if isinstance(stop_ids, int) and not isinstance(stop_ids, bool) else stop_ids
+        vocab = self.manifest.spec.vocab_size
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple, set, frozenset)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise GenerationError(f"stop_token_ids must be token ids (integers in 0..{vocab - 1}), got {stop_ids!r}.",
+                                  "pass e.g. stop_token_ids=[151645]; for text, use stop=['...'].")
+        return frozenset(ids)
+
+    def _default_max_new(self, prompt_len: int) -> int:
+        """Without max_new_tokens: 512, or what the context has left after the prompt when that is less.
+
+        A short context (an export with --context 256, or a long chat) would otherwise refuse every prompt
+        for want of room the answer may never need. With no room at all, half the context is asked for, so
+        truncate='left' keeps room for an answer and truncate='error' names the problem.
+        """
+        room = self.context - prompt_len
+        return min(DEFAULT_MAX_NEW_TOKENS, room if room > 0 else max(1, self.context // 2))
 
     def _float_kernels_on_cpu(self) -> bool:
         plan = (self.manifest.quantization or {}).get("plan", {})
@@ -248,12 +297,17 @@ class Model:
                                   f"pass lookup between 0 and {most}.")
         return lookup
 
-    def _fit(self, ids: list[int], max_new: int, truncate: str) -> list[int]:
+    def _fit(self, ids: list[int], max_new: int, truncate: str, *, explicit: bool = True) -> list[int]:
         budget = self.context - max_new
         if len(ids) <= budget:
             return ids
         if truncate == "left" and budget > 0:
             return ids[-budget:]
+        if not explicit and len(ids) >= self.context:
+            raise ContextOverflowError(
+                f"The prompt ({len(ids)} tokens) fills the context ({self.context}), leaving no room for an answer.",
+                "shorten the prompt or the conversation (chat: /reset), pass truncate='left', or load with a "
+                "larger context=.")
         raise ContextOverflowError(
             f"Prompt ({len(ids)} tokens) + max_new_tokens ({max_new}) exceeds the context ({self.context}).",
             "shorten the prompt, lower max_new_tokens, pass truncate='left', or load with a larger context=.")
@@ -275,12 +329,23 @@ class Conversation:
         return {"tools": self.tools, "enable_thinking": self.enable_thinking} | options
 
     def stream(self, text: str | None, **options: Any) -> Iterator[str]:
-        """Add a user turn (``None``: answer what is there, e.g. after tool results) and stream the reply."""
+        """Add a user turn (``None``: answer what is there, e.g. after tool results) and stream the reply.
+
+        A turn that fails before its first token (bad option, context full) leaves the conversation as it
+        was; a reply stopped early (the caller closed the stream, Ctrl-C) is kept as far as it was shown,
+        with ``finish_reason`` "cancelled", so the history matches what the user saw.
+        """
         if text is not None:
             self.messages.append({"role": "user", "content": text})
         sink = _Sink()
-        yield from self.model._run(self.messages, self._options(options), sink)
-        self._record(sink.result)
+        try:
+            yield from self.model._run(self.messages, self._options(options), sink)
+        finally:
+            result = getattr(sink, "result", None)
+            if result is not None and result.tokens:
+                self._record(result)
+            elif text is not None:
+                self.messages.pop()
 
     def send(self, text: str | None, **options: Any) -> Result:
         for _ in self.stream(text, **options):

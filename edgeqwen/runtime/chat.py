@@ -7,7 +7,8 @@ internals or mutate the caller's messages.
 
 ``parse_reply`` goes the other way: it splits a Qwen reply into thinking, visible text and tool calls,
 and reports malformed tool calls instead of raising, because a small model will sometimes emit broken
-JSON and the caller should be able to show or retry it.
+JSON and the caller should be able to show or retry it. ``DeltaSplitter`` does the same to a reply while
+it streams (the server's deltas, the CLI's thinking shown apart from the answer).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Collection
 from typing import Any, NoReturn
 
 import jinja2
@@ -209,12 +211,33 @@ def _tool_call(body: str) -> ToolCall:
     return ToolCall(name=data["name"], arguments=arguments, id=f"call_{secrets.token_hex(4)}")
 
 
-def parse_reply(text: str) -> Reply:
+_FENCED_JSON = re.compile(r"\A```(?:json)?\s*\n(.*?)\n?```\Z", re.DOTALL)
+
+
+def _bare_tool_calls(content: str, tool_names: Collection[str]) -> list[ToolCall]:
+    """Tool calls written without the ``<tool_call>`` tags: a reply that is nothing but a JSON object (or a
+    list of them), bare or in a ```json fence, naming one of the tools offered. Small models do this
+    (Qwen2.5-Coder-0.5B answers the weather example with a fenced block); anything else is not a call."""
+    fenced = _FENCED_JSON.match(content)
+    body = fenced.group(1) if fenced else content
+    if not body.startswith(("{", "[")):
+        return []
+    try:
+        data = json.loads(body)
+        items = data if isinstance(data, list) else [data]
+        calls = [_tool_call(json.dumps(item)) for item in items]
+    except ValueError:
+        return []
+    return calls if calls and all(c.name in tool_names for c in calls) else []
+
+
+def parse_reply(text: str, tool_names: Collection[str] = ()) -> Reply:
     """Split a model reply into reasoning (``<think>``), content and ``<tool_call>`` blocks.
 
     Never raises on model output: a tool call that is not valid JSON (or lacks a name, or was cut off
     before ``</tool_call>``) adds a message to ``errors`` and stays in ``content`` as raw text. Tool
-    calls inside the reasoning are left there; they are thoughts, not requests.
+    calls inside the reasoning are left there; they are thoughts, not requests. With ``tool_names`` (the
+    tools the prompt offered), a reply that is only a JSON call to one of them also counts as a call.
     """
     reasoning, rest = _split_thinking(text)
     calls: list[ToolCall] = []
@@ -234,4 +257,83 @@ def parse_reply(text: str) -> Reply:
             errors.append(f"tool call {n} is invalid: {e}")
             kept.append(match.group(0))
     kept.append(rest[cursor:])
-    return Reply(content="".join(kept).strip(), reasoning=reasoning, tool_calls=calls, errors=errors)
+    content = "".join(kept).strip()
+    if not calls and not errors and tool_names:
+        calls = _bare_tool_calls(content, tool_names)
+        content = "" if calls else content
+    return Reply(content=content, reasoning=reasoning, tool_calls=calls, errors=errors)
+
+
+class DeltaSplitter:
+    """Turns streamed text into OpenAI deltas: ``reasoning_content`` inside <think>, ``content`` outside,
+    and, when the request had tools, <tool_call> blocks held back and returned as tool calls at the end.
+
+    Text that could be the start of a marker is held until it is decided, so a marker split across two
+    tokens never leaks into the content.
+    """
+
+    def __init__(self, *, tools: bool, thinking_open: bool = False):
+        self.tools = tools
+        self.mode = "reasoning" if thinking_open else "content"
+        self.pending = ""
+        self.held_tool_text = ""  # everything from the first <tool_call> on
+        self.content_started = False
+        self.tool_calls: list[ToolCall] = []
+
+    def _markers(self) -> tuple[str, ...]:
+        if self.mode == "reasoning":
+            return ("</think>",)
+        return ("<think>", "<tool_call>") if self.tools else ("<think>",)
+
+    def _emit(self, kind: str, text: str, out: list[tuple[str, str]]) -> None:
+        if kind == "content" and not self.content_started:
+            text = text.lstrip()  # the blank lines after </think>
+            self.content_started = bool(text)
+        if text:
+            out.append((kind, text))
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if self.mode == "tool":
+            self.held_tool_text += piece
+            return out
+        self.pending += piece
+        while True:
+            markers = self._markers()
+            hits = [(self.pending.find(m), m) for m in markers if m in self.pending]
+            if not hits:
+                break
+            at, marker = min(hits)
+            self._emit(self.mode, self.pending[:at].rstrip(), out)
+            rest = self.pending[at + len(marker):]
+            self.pending = ""
+            if marker == "<tool_call>":
+                self.mode, self.held_tool_text = "tool", marker + rest
+                return out
+            self.mode = "reasoning" if marker == "<think>" else "content"
+            self.pending = rest.lstrip()
+        keep = max((k for m in self._markers() for k in range(1, len(m))
+                    if self.pending.endswith(m[:k])), default=0)
+        # whitespace before the held part waits for what follows: before a marker or at the end it is
+        # dropped, so the streamed text equals the non-streamed (stripped) message
+        cut = len(self.pending) - keep
+        while cut > 0 and self.pending[cut - 1].isspace():
+            cut -= 1
+        self._emit(self.mode, self.pending[:cut], out)
+        self.pending = self.pending[cut:]
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        self._emit(self.mode if self.mode != "tool" else "content", self.pending.rstrip(), out)
+        self.pending = ""
+        if self.held_tool_text:
+            text = self.held_tool_text
+            reply = parse_reply(text)
+            if text.rfind("<tool_call>") > text.rfind("</tool_call>"):
+                # small models often end their turn right after the JSON, without the closing tag
+                closed = parse_reply(text + "\n</tool_call>")
+                reply = closed if not closed.errors else reply
+            self.tool_calls = reply.tool_calls
+            self._emit("content", reply.content, out)  # a malformed call stays visible as text
+        return out

@@ -8,7 +8,6 @@ package that brings it, because on a board the usual cause is having installed p
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from ..errors import ProviderError
+from ..errors import GenerationError, ProviderError
+from ..hostinfo import detect_host
 from ..profiles import PROVIDER_NAMES, PROVIDER_PACKAGES
 
 # Contrib ops of the "fast" graph; providers that lack them would silently fall back op by op to the CPU.
@@ -44,10 +44,14 @@ def choose_provider(requested: str, profile: dict, backend: str) -> str:
     available = set(ort.get_available_providers())
     order = list(profile.get("providers") or ["cpu"])
     if requested == "auto":
-        for p in order:
-            if PROVIDER_NAMES.get(p) in available:
-                return p
-        return "cpu"
+        found = next((p for p in order if PROVIDER_NAMES.get(p) in available), "cpu")
+        first = order[0] if order else "cpu"
+        if found == "cpu" and first != "cpu":  # a GPU/NPU bundle on plain onnxruntime: say so, and the fix
+            pkg = PROVIDER_PACKAGES.get(first, "onnxruntime")
+            warnings.warn(f"edgeqwen: {PROVIDER_NAMES.get(first, first)}, this bundle's first choice, is not in this "
+                          f"onnxruntime build; running on CPU (install {pkg} to use {first}).", RuntimeWarning,
+                          stacklevel=3)
+        return found
     p = _short(requested)
     if backend == "fast" and p not in FAST_GRAPH_PROVIDERS:
         raise ProviderError(
@@ -63,18 +67,27 @@ def choose_provider(requested: str, profile: dict, backend: str) -> str:
     return p
 
 
-def physical_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS / Windows
-        return max(1, os.cpu_count() or 1)
+def default_threads(profile: dict) -> int:
+    """Intra-op threads when the caller names none: the profile's count, capped by this machine's cores.
+
+    Physical cores, not logical CPUs: a second hyperthread on a core only contends for the same SIMD units
+    that MatMulNBits saturates. ``detect_host`` also honours taskset masks and a cgroup quota (docker
+    --cpus), and the cap matters because a bundle carries the count of the machine it was tuned on (a
+    ``host`` export from a 16-core PC copied to a 4-core board).
+    """
+    cores = detect_host().cores
+    wanted = int(profile.get("threads") or 0)
+    return min(wanted, cores) if wanted > 0 else cores
 
 
 def create_session(model_path: Path, provider: str, *, threads: int | None, profile: dict) -> tuple:
     """Build the InferenceSession; returns (session, SessionChoice)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    n = threads or profile.get("threads") or physical_cores()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise GenerationError(f"threads must be a positive integer, got {threads!r}.",
+                            "pass e.g. threads=4, or leave it out to use the machine's physical cores.")
+    n = threads or default_threads(profile)
     opts.intra_op_num_threads = int(n)
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

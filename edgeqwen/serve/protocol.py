@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
-from ..runtime.chat import ToolCall, parse_reply
+from ..runtime.chat import DeltaSplitter, ToolCall
 
 # OpenAI's documented limits where the runtime has none of its own.
 MAX_STOP_STRINGS = 4
@@ -315,81 +315,6 @@ def completion_request(body: Any, limits: Limits, count: Callable[[str], int]) -
 
 
 # ------------------------------------------------------------------------------------------ replies
-
-
-class DeltaSplitter:
-    """Turns streamed text into OpenAI deltas: ``reasoning_content`` inside <think>, ``content`` outside,
-    and, when the request had tools, <tool_call> blocks held back and returned as tool calls at the end.
-
-    Text that could be the start of a marker is held until it is decided, so a marker split across two
-    tokens never leaks into the content.
-    """
-
-    def __init__(self, *, tools: bool, thinking_open: bool = False):
-        self.tools = tools
-        self.mode = "reasoning" if thinking_open else "content"
-        self.pending = ""
-        self.held_tool_text = ""  # everything from the first <tool_call> on
-        self.content_started = False
-        self.tool_calls: list[ToolCall] = []
-
-    def _markers(self) -> tuple[str, ...]:
-        if self.mode == "reasoning":
-            return ("</think>",)
-        return ("<think>", "<tool_call>") if self.tools else ("<think>",)
-
-    def _emit(self, kind: str, text: str, out: list[tuple[str, str]]) -> None:
-        if kind == "content" and not self.content_started:
-            text = text.lstrip()  # the blank lines after </think>
-            self.content_started = bool(text)
-        if text:
-            out.append((kind, text))
-
-    def feed(self, piece: str) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        if self.mode == "tool":
-            self.held_tool_text += piece
-            return out
-        self.pending += piece
-        while True:
-            markers = self._markers()
-            hits = [(self.pending.find(m), m) for m in markers if m in self.pending]
-            if not hits:
-                break
-            at, marker = min(hits)
-            self._emit(self.mode, self.pending[:at].rstrip(), out)
-            rest = self.pending[at + len(marker):]
-            self.pending = ""
-            if marker == "<tool_call>":
-                self.mode, self.held_tool_text = "tool", marker + rest
-                return out
-            self.mode = "reasoning" if marker == "<think>" else "content"
-            self.pending = rest.lstrip()
-        keep = max((k for m in self._markers() for k in range(1, len(m))
-                    if self.pending.endswith(m[:k])), default=0)
-        # whitespace before the held part waits for what follows: before a marker or at the end it is
-        # dropped, so the streamed text equals the non-streamed (stripped) message
-        cut = len(self.pending) - keep
-        while cut > 0 and self.pending[cut - 1].isspace():
-            cut -= 1
-        self._emit(self.mode, self.pending[:cut], out)
-        self.pending = self.pending[cut:]
-        return out
-
-    def finish(self) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        self._emit(self.mode if self.mode != "tool" else "content", self.pending.rstrip(), out)
-        self.pending = ""
-        if self.held_tool_text:
-            text = self.held_tool_text
-            reply = parse_reply(text)
-            if text.rfind("<tool_call>") > text.rfind("</tool_call>"):
-                # small models often end their turn right after the JSON, without the closing tag
-                closed = parse_reply(text + "\n</tool_call>")
-                reply = closed if not closed.errors else reply
-            self.tool_calls = reply.tool_calls
-            self._emit("content", reply.content, out)  # a malformed call stays visible as text
-        return out
 
 
 def reply_splitter(req: GenRequest) -> tuple[DeltaSplitter | None, list[tuple[str, str]]]:

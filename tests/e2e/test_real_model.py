@@ -7,6 +7,7 @@ activations) with verification on, then chats with the int4 bundle through the p
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,19 @@ def test_cli_run_streams_an_answer(bundles):
                           "--max-new-tokens", "8", "--stats"], capture_output=True, text=True, check=True)
     assert "5" in out.stdout
     assert "decode" in out.stderr and "tok/s" in out.stderr
+
+
+def test_examples_run_on_the_real_bundle(bundles):
+    """The scripted examples on the real int4 bundle: the three-turn chat reuses the cached prefix on turns
+    2 and 3, and the tool-calling loop sees the 0.5B's call (written as bare JSON) as a call."""
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    turns = subprocess.run([sys.executable, str(examples / "multi_turn.py"), str(bundles["int4"])],
+                           capture_output=True, text=True, check=True, timeout=600)
+    reused = [int(n) for n in re.findall(r"prompt \d+ tokens, (\d+) reused", turns.stdout)]
+    assert len(reused) == 3 and reused[0] == 0 and min(reused[1:]) > 20, turns.stdout
+    tools = subprocess.run([sys.executable, str(examples / "tool_calling.py"), str(bundles["int4"])],
+                           capture_output=True, text=True, check=True, timeout=600)
+    assert "model called get_temperature({'city': 'Oslo'})" in tools.stdout, tools.stdout
 
 
 def test_corrupted_cached_gguf_is_refetched(tmp_path, monkeypatch):
