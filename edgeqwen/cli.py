@@ -66,7 +66,7 @@ def cmd_export(args) -> int:
                     eight_bit=None if args.eight_bit is None else
                     [] if args.eight_bit.strip().lower() == "none" else args.eight_bit,
                     vocab_refine=args.vocab_refine, vocab_bits=args.vocab_bits, smooth_alpha=args.smooth_alpha,
-                    accuracy_level=args.accuracy_level)
+                    accuracy_level=args.accuracy_level, accuracy_levels=args.layer_accuracy)
     summary = result.summary()
     if args.json:
         _print_json(summary)
@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--gguf-mode faithful; 4: activations rounded to int8 per block, fastest; 0: float "
                         "activations, the source's arithmetic: int8 from a GGUF gives the float model's tokens, "
                         "at ~0.4x the speed of level 4)")
+    p.add_argument("--layer-accuracy", metavar="TYPE=LEVEL,...",
+                   help="accuracy level per layer type, over --accuracy-level for those weights (types: attn, mlp, "
+                        "qkv_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), e.g. 'down_proj=0' keeps "
+                        "float activations where int8 rounding costs the most; the profile's accuracy_levels")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the float source")

@@ -69,7 +69,7 @@ MIN_RAM_BUDGET_MB = 256
 
 PROFILE_KEYS = (
     "name", "description", "providers", "backend", "precision", "quant_algo", "gguf_mode", "block_size",
-    "block_size_8bit", "accuracy_level", "exact_accuracy_level", "eight_bit", "vocab_refine", "vocab_bits",
+    "block_size_8bit", "accuracy_level", "exact_accuracy_level", "accuracy_levels", "eight_bit", "vocab_refine", "vocab_bits",
     "smooth_alpha", "io_dtype", "context", "threads", "ram_budget_mb", "provider_options",
 )
 # Keys a manifest dict carries besides the schema (see Profile.to_dict).
@@ -223,6 +223,36 @@ def _check_eight_bit(key: str, value: Any, source: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+# Layer types ``accuracy_levels`` may set a level for: the fast graph's weight kinds (``attn.qkv_proj``, ...),
+# the two groups, and the vocabulary matrix. A kind beats its group (``mlp.down_proj`` over ``mlp``).
+LAYER_TYPES = ("attn", "mlp", "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def _check_accuracy_levels(key: str, value: Any, source: str) -> dict[str, int]:
+    """A table layer type -> accuracy level, or its command-line form ``"down_proj=0,lm_head=4"``."""
+    allowed = f"a table of layer type = level (0-4), layer types: {', '.join(LAYER_TYPES)}; e.g. {{ down_proj = 0 }}"
+    if isinstance(value, str):
+        pairs: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            kind, sep, level = item.partition("=")
+            if not sep or not level.strip().isdigit():
+                raise _bad_value(key, item, allowed, source, "write each entry as TYPE=LEVEL, e.g. down_proj=0.")
+            pairs[kind.strip()] = int(level)
+        value = pairs
+    if not isinstance(value, dict):
+        raise _bad_value(key, value, allowed, source)
+    out: dict[str, int] = {}
+    for kind, level in value.items():
+        if kind not in LAYER_TYPES:
+            close = difflib.get_close_matches(str(kind), LAYER_TYPES, n=1)
+            raise _bad_value(f"{key}.{kind}", kind, allowed, source,
+                             f"use one of {', '.join(LAYER_TYPES)}" + (f" (did you mean '{close[0]}'?)." if close else "."))
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 4:
+            raise _bad_value(f"{key}.{kind}", level, "an accuracy level 0-4", source)
+        out[kind] = level
+    return out
+
+
 def _check_provider_options(key: str, value: Any, source: str) -> dict[str, dict[str, Any]]:
     if not isinstance(value, dict):
         raise _bad_value(key, value, "a table of tables, e.g. [provider_options.cuda]", source)
@@ -251,6 +281,7 @@ _CHECKS: dict[str, Callable[[str, Any, str], Any]] = {
     "block_size_8bit": _choice(BLOCK_SIZES),
     "accuracy_level": _int_range(0, 4),
     "exact_accuracy_level": _int_range(0, 4),
+    "accuracy_levels": _check_accuracy_levels,
     "eight_bit": _check_eight_bit,
     "vocab_refine": _int_range(0, VOCAB_REFINE_MAX),
     "vocab_bits": _choice(VOCAB_BITS),
@@ -299,6 +330,9 @@ class Profile:
     # int8 and "faithful" bundles, which promise the source's values: 0 (float activations) keeps that
     # promise in the arithmetic too; 4 rounds activations to int8 like int4 bundles, ~2.4x faster decode.
     exact_accuracy_level: int = 0
+    # Per layer type, replacing the level above for those weights (int4 and exact bundles alike); see the
+    # builtin profiles for what was measured. Empty: one level for the whole bundle.
+    accuracy_levels: dict[str, int] = field(default_factory=dict, hash=False)
     eight_bit: tuple[str, ...] = DEFAULT_EIGHT_BIT  # int4 bundles: weights matching these stay 8-bit
     vocab_refine: int = DEFAULT_VOCAB_REFINE  # int4 + 8-bit vocabulary: candidates rescored at 8 bits
     vocab_bits: int = DEFAULT_VOCAB_BITS  # int4 + refined vocabulary: 8, or 6 (4-bit coarse + 2-bit residual)
@@ -367,6 +401,7 @@ class Profile:
         out["providers"] = list(self.providers)
         out["eight_bit"] = list(self.eight_bit)
         out["provider_options"] = {p: dict(o) for p, o in self.provider_options.items()}
+        out["accuracy_levels"] = dict(self.accuracy_levels)
         out["source"] = self.source
         if self.host is not None:
             host = asdict(self.host)

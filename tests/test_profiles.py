@@ -282,3 +282,21 @@ def test_memory_budget_passes_fitting_and_explains_hopeless():
     check_memory_budget(prof, weight_bytes=400 * MB, kv_bytes=kv_cache_bytes(24, 2, 64, prof.context))
     with pytest.raises(ProfileError, match="weights alone"):
         check_memory_budget(prof, weight_bytes=4000 * MB, kv_bytes=kv_cache_bytes(24, 2, 64, prof.context))
+
+
+def test_accuracy_levels_per_layer_type_are_validated_and_recorded():
+    prof = load_profile("rpi5", accuracy_levels="down_proj=0, mlp = 4")
+    assert prof.accuracy_levels == {"down_proj": 0, "mlp": 4}
+    assert prof.to_dict()["accuracy_levels"] == {"down_proj": 0, "mlp": 4}
+    assert Profile.from_dict(prof.to_dict()).accuracy_levels == {"down_proj": 0, "mlp": 4}
+    assert load_profile("rpi5").accuracy_levels == {}
+    for value, words in [({"down": 0}, ["'accuracy_levels.down'", "did you mean 'down_proj'", "qkv_proj"]),
+                         ({"lm_head": 5}, ["'accuracy_levels.lm_head'", "5", "0-4"]),
+                         ({"attn": True}, ["'accuracy_levels.attn'", "True"]),
+                         ("down_proj", ["'accuracy_levels'", "TYPE=LEVEL"]),
+                         ("down_proj=x", ["'accuracy_levels'", "TYPE=LEVEL"]),
+                         (["down_proj"], ["'accuracy_levels'", "layer type = level"])]:
+        with pytest.raises(ProfileError) as exc:
+            load_profile("rpi5", accuracy_levels=value)
+        for word in words:
+            assert word in str(exc.value), (value, word, str(exc.value))

@@ -617,3 +617,46 @@ def test_cli_int8_computes_with_float_activations_unless_asked_for_level_4(tiny_
     assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(gpu), "--device", "cuda", "--precision",
                  "int8", "--no-verify", "--json"]) == 0
     assert read_manifest(gpu).quantization["plan"]["eight_bit_halves"] is False
+
+
+def test_layer_accuracy_sets_the_level_of_each_layer_type(tiny_models, tmp_path, allow_tiny, capsys) -> None:
+    """`--layer-accuracy down_proj=0` on an int8 level-4 export: the down projections (and only they) compute
+    with float activations, as exact 4-bit halves; every other weight keeps the fast 8-bit level-4 kernel;
+    the plan records the table, the bundle generates, and prompt lookup is off by default (a float-activation
+    kernel is in the graph). A bad type is refused with the allowed ones. (Level 4 moves a random tiny
+    model's greedy tokens too much for the export check, hence --no-verify; the real 0.5B is measured in
+    benchmarks/README.md.)"""
+    from edgeqwen import runtime
+    from edgeqwen.cli import main
+
+    out = tmp_path / "mixed"
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(out), "--precision", "int8",
+                 "--accuracy-level", "4", "--layer-accuracy", "down_proj=0", "--no-verify", "--json"]) == 0
+    manifest = read_manifest(out)
+    assert manifest.profile["accuracy_levels"] == {"down_proj": 0}
+    assert manifest.quantization["plan"]["accuracy_levels"] == [["down_proj", 0]]
+    assert manifest.quantization["summary"]["eight_bit_halves"]["weights"] == 2  # one down_proj per layer
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    kernels = {(n.input[1].split(".")[4] if ".layers." in n.input[1] else "lm_head",
+                {a.name: a.i for a in n.attribute}["bits"], {a.name: a.i for a in n.attribute}["accuracy_level"])
+               for n in graph.node if n.op_type == "MatMulNBits"}
+    assert kernels == {("qkv_proj", 8, 4), ("o_proj", 8, 4), ("gate_proj", 8, 4), ("up_proj", 8, 4),
+                       ("down_proj", 4, 0), ("lm_head", 8, 4)}
+    model = runtime.load(out)
+    assert model._lookup(None) == 0
+    assert model.generate("def add(a, b):", max_new_tokens=4, temperature=0).tokens
+    capsys.readouterr()
+    assert main(["export", str(tiny_models["qwen2_untied"]), "-o", str(tmp_path / "bad"),
+                 "--layer-accuracy", "down=0"]) == 2
+    err = capsys.readouterr().err
+    assert "Profile key 'accuracy_levels.down' has invalid value 'down'" in err and "did you mean 'down_proj'" in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_plan_level_for_prefers_the_kind_over_its_group() -> None:
+    plan = QuantPlan(accuracy_level=4, accuracy_levels=(("mlp", 1), ("down_proj", 0), ("lm_head", 2)))
+    assert plan.level_for("model.layers.3.mlp.down_proj.MatMul.weight") == 0
+    assert plan.level_for("model.layers.3.mlp.up_proj.MatMul.weight") == 1
+    assert plan.level_for("model.layers.3.attn.qkv_proj.MatMul.weight") == 4
+    assert plan.level_for("lm_head.MatMul.weight") == 2
+    assert plan.float_levels and not QuantPlan(accuracy_level=4).float_levels

@@ -175,7 +175,8 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
            gguf_mode: str | None = None, force: bool = False, verify: bool = True, progress: bool = True,
            threads: int | None = None, eight_bit: list[str] | str | None = None,
            vocab_refine: int | None = None, vocab_bits: int | None = None,
-           smooth_alpha: float | None = None, accuracy_level: int | None = None) -> ExportResult:
+           smooth_alpha: float | None = None, accuracy_level: int | None = None,
+           accuracy_levels: dict[str, int] | str | None = None) -> ExportResult:
     """Export ``model`` (alias, hub id, HF folder or .gguf) into a bundle folder ``out`` for ``device``.
 
     ``eight_bit`` replaces the profile's list of int4 weights kept at 8 bits (``[]``: none, the smallest and
@@ -183,14 +184,16 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     ``vocab_refine`` overrides the profile's number of lm_head candidates rescored at full precision (0: none),
     ``vocab_bits`` the bits of that refined vocabulary matrix (6 or 8), ``smooth_alpha`` the SmoothQuant
     strength for the attention input (0: off; ``smooth.py``), ``accuracy_level`` the MatMulNBits compute
-    precision (4: int8 activations, fast; 0: float activations, exact arithmetic, slower; ``halves.py``)."""
+    precision (4: int8 activations, fast; 0: float activations, exact arithmetic, slower; ``halves.py``),
+    ``accuracy_levels`` that level per layer type (``{"down_proj": 0}`` or ``"down_proj=0"``; profiles.LAYER_TYPES)."""
     from .graph import LOGITS_WINDOW, adjust_genai_config, build_fast_graph, build_portable_graph, write_genai_graph
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
                               context=context, gguf_mode=gguf_mode, eight_bit=eight_bit, vocab_refine=vocab_refine,
                               vocab_bits=vocab_bits, smooth_alpha=smooth_alpha, accuracy_level=accuracy_level,
-                              exact_accuracy_level=accuracy_level)  # one flag: the level of whatever is exported
+                              exact_accuracy_level=accuracy_level,  # one flag: the level of whatever is exported
+                              accuracy_levels=accuracy_levels)
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
     if profile.backend == "portable":
@@ -310,9 +313,11 @@ def _accuracy_level(profile: Profile) -> int:
 
 
 def _float_activations_on_cpu(profile: Profile) -> bool:
-    """Whether 8-bit weights must become 4-bit halves: onnxruntime's CPU kernels for 8-bit MatMulNBits
-    round the activations to int8 (accuracy level 4); at level 0 or 1 they dequantize the whole matrix per call."""
-    return profile.backend == "fast" and profile.providers[0] == "cpu" and _accuracy_level(profile) in (0, 1)
+    """Whether 8-bit weights at level 0 or 1 must become 4-bit halves: onnxruntime's CPU kernels for 8-bit
+    MatMulNBits round the activations to int8 (accuracy level 4); at level 0 or 1 they dequantize the whole
+    matrix per call. Which weights are split is each one's own level (``halves.split_eight_bit``)."""
+    levels = (_accuracy_level(profile), *profile.accuracy_levels.values())
+    return profile.backend == "fast" and profile.providers[0] == "cpu" and any(v in (0, 1) for v in levels)
 
 
 def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
@@ -337,6 +342,7 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
     head_bits = 8 if profile.precision != "int4" or "lm_head" in eight_bit else 4
     plan = QuantPlan(precision=profile.precision, algo=profile.quant_algo, block_size=profile.block_size,
                      accuracy_level=_accuracy_level(profile), gguf_mode=profile.gguf_mode,
+                     accuracy_levels=tuple(profile.accuracy_levels.items()),
                      embed_bits=4 if profile.precision == "int4" else 8,
                      lm_head_bits=head_bits, shared_bits=head_bits, eight_bit=eight_bit,
                      vocab_refine=profile.vocab_refine, vocab_bits=profile.vocab_bits,

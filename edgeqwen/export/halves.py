@@ -35,7 +35,8 @@ def split_codes(codes: np.ndarray, zero_points: np.ndarray) -> tuple[int, tuple,
 
 
 def split_eight_bit(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> tuple[list, list, int, int]:
-    """Rewrite every 8-bit MatMulNBits in ``nodes`` as two 4-bit ones plus an Add.
+    """Rewrite every 8-bit MatMulNBits in ``nodes`` that computes at accuracy level 0 or 1 as two 4-bit ones
+    plus an Add (at level 4 onnxruntime's 8-bit kernel is fast: a profile's ``accuracy_levels`` may mix both).
 
     ``inits`` are the initializers the nodes read (the quantizer's new ones). An initializer that another node
     still reads (the codes a shared embedding's gather also uses) is kept. Returns (nodes, initializers, number
@@ -52,7 +53,7 @@ def split_eight_bit(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) 
     for node in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type != "MatMulNBits" or attrs.get("bits") != 8 or len(node.input) > 4 \
-                or node.input[1] not in by_name:
+                or attrs.get("accuracy_level", 0) not in (0, 1) or node.input[1] not in by_name:
             out_nodes.append(node)
             continue
         n, k, block = attrs["N"], attrs["K"], attrs["block_size"]

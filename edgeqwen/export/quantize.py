@@ -38,6 +38,8 @@ class QuantPlan:
     algo: str = "k_quant"  # rtn | rtn_asym | k_quant
     block_size: int = 32
     accuracy_level: int = 4
+    # (layer type, level) pairs replacing accuracy_level for those weights (profiles.LAYER_TYPES)
+    accuracy_levels: tuple[tuple[str, int], ...] = ()
     embed_bits: int | None = 4  # None keeps the embedding table in float
     lm_head_bits: int | None = 4
     gguf_mode: str = "balanced"  # fast | balanced | faithful (gguf_repack.py): only when the source is a GGUF file
@@ -80,6 +82,25 @@ class QuantPlan:
         and GGUF imports copy those weights' codes exactly)."""
         b = self.block_size_8bit
         return b if self.precision == "int4" and b and b != self.block_size else None
+
+    def level_for(self, weight_name: str) -> int:
+        """The accuracy level of one weight: its kind's entry in ``accuracy_levels`` (``down_proj``), else its
+        group's (``mlp``), else the bundle's. Weight names look like ``model.layers.3.mlp.down_proj.MatMul.weight``."""
+        levels = dict(self.accuracy_levels)
+        if _role(weight_name) == "lm_head":
+            return levels.get("lm_head", self.accuracy_level)
+        for kind, level in levels.items():
+            if kind not in ("attn", "mlp", "lm_head") and f".{kind}." in weight_name:
+                return level
+        for group in ("attn", "mlp"):
+            if group in levels and f".{group}." in weight_name:
+                return levels[group]
+        return self.accuracy_level
+
+    @property
+    def float_levels(self) -> bool:
+        """Whether any weight computes with float activations (level 0 or 1)."""
+        return any(level in (0, 1) for level in (self.accuracy_level, *dict(self.accuracy_levels).values()))
 
     @property
     def body_bits(self) -> int | None:
@@ -413,12 +434,12 @@ def _lm_head(gather: onnx.NodeProto | None, head: onnx.NodeProto, bq: BlockQuant
         block = plan.block_size_8bit if not faithful else None
         coarse, residual, how = _split_for_refine(bq, w_nk, how, block, 8 if faithful else plan.vocab_bits)
         report.add_split(name, how, coarse, residual, plan.vocab_refine, float_bytes)
-        return _refined_vocab(gather, head, coarse, residual, name, plan.accuracy_level, plan.vocab_refine, dtype)
+        return _refined_vocab(gather, head, coarse, residual, name, plan.level_for(name), plan.vocab_refine, dtype)
     report.add(name, how, bq, float_bytes)
     if gather is None:
-        node, inits = _matmul_nbits(head, bq, name, plan.accuracy_level, dtype)
+        node, inits = _matmul_nbits(head, bq, name, plan.level_for(name), dtype)
         return [], [node], inits
-    nodes, node, inits = _shared_embedding(gather, head, bq, name, plan.accuracy_level, dtype)
+    nodes, node, inits = _shared_embedding(gather, head, bq, name, plan.level_for(name), dtype)
     return nodes, [node], inits
 
 
@@ -499,10 +520,10 @@ def quantize_graph(
                 new_inits.extend(inits)
                 continue
             if bq.offsets is not None:
-                new, inits = _offset_correction(node, bq, wname, plan.accuracy_level, dtype,
+                new, inits = _offset_correction(node, bq, wname, plan.level_for(wname), dtype,
                                                 stored=dtype if plan.promises_exact else np.float16)
             else:
-                matmul, inits = _matmul_nbits(node, bq, wname, plan.accuracy_level, dtype)
+                matmul, inits = _matmul_nbits(node, bq, wname, plan.level_for(wname), dtype)
                 new = [matmul]
         elif node.op_type == "Gather" and node.input[0] in weights and plan.embed_bits:
             wname = node.input[0]

@@ -263,8 +263,9 @@ class Model:
 
     def _float_kernels_on_cpu(self) -> bool:
         plan = (self.manifest.quantization or {}).get("plan", {})
+        levels = [plan.get("accuracy_level", 4)] + [level for _, level in plan.get("accuracy_levels", [])]
         return self.provider == "cpu" and plan.get("precision") in ("int4", "int8") and \
-            plan.get("accuracy_level", 4) in (0, 1)
+            any(level in (0, 1) for level in levels)
 
     @property
     def max_lookup(self) -> int:
