@@ -659,4 +659,4 @@ def test_plan_level_for_prefers_the_kind_over_its_group() -> None:
     assert plan.level_for("model.layers.3.mlp.up_proj.MatMul.weight") == 1
     assert plan.level_for("model.layers.3.attn.qkv_proj.MatMul.weight") == 4
     assert plan.level_for("lm_head.MatMul.weight") == 2
-    assert plan.float_levels and not QuantPlan(accuracy_level=4).float_levels
+    assert QuantPlan(accuracy_level=3).level_for("lm_head.MatMul.weight") == 3

@@ -98,11 +98,6 @@ class QuantPlan:
         return self.accuracy_level
 
     @property
-    def float_levels(self) -> bool:
-        """Whether any weight computes with float activations (level 0 or 1)."""
-        return any(level in (0, 1) for level in (self.accuracy_level, *dict(self.accuracy_levels).values()))
-
-    @property
     def body_bits(self) -> int | None:
         return {"int4": 4, "int8": 8}.get(self.precision)
 
