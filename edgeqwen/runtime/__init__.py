@@ -21,7 +21,7 @@ from .chat import ChatTemplate, Reply, ToolCall, parse_reply
 from .generate import DEFAULT_PREFILL_CHUNK, Engine, Stats, StopRule, generate
 from .lookup import DEFAULT_MAX_DRAFT
 from .sampling import Sampler, SamplingParams
-from .session import choose_provider, create_session, release_weight_pages
+from .session import choose_provider, create_session, is_count, release_weight_pages
 from .text import IncrementalDetokenizer, StopMatcher
 
 __all__ = ["load", "Model", "Conversation", "Result", "SamplingParams", "ToolCall"]
@@ -69,13 +69,12 @@ class Model:
                  prefill_chunk: int):
         self.folder, self.manifest = folder, manifest
         spec = manifest.spec
-        if context is not None and (isinstance(context, bool) or not isinstance(context, int)
-                                    or not 16 <= context <= spec.context_length):
+        if context is not None and not (is_count(context, 16) and context <= spec.context_length):
             raise GenerationError(f"context={context!r} is outside 16..{spec.context_length} for this bundle.",
                                   "pass a context up to the bundle's context length, or re-export with "
                                   "--context N for a longer one.")
         self.context = context or spec.context_length
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if not is_count(prefill_chunk):
             raise GenerationError(f"prefill_chunk must be a positive integer (prompt tokens per run), got "
                                   f"{prefill_chunk!r}.", f"pass e.g. prefill_chunk={DEFAULT_PREFILL_CHUNK}.")
         self.provider = choose_provider(provider, manifest.profile, manifest.backend)
@@ -286,7 +285,7 @@ class Model:
         if lookup is None:
             cheap = self.manifest.io.shared_kv_buffer and not self._float_kernels_on_cpu()
             return min(DEFAULT_MAX_DRAFT, most) if cheap else 0
-        if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        if not is_count(lookup, 0):
             raise GenerationError(f"lookup must be an integer >= 0 (drafted tokens per step), got {lookup!r}.",
                                   f"pass lookup=0 to turn prompt lookup off, or up to {max(most, 1)}.")
         if lookup > most:

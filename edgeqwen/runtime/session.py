@@ -12,6 +12,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -67,6 +68,11 @@ def choose_provider(requested: str, profile: dict, backend: str) -> str:
     return p
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """An int (not a bool, which Python counts as one) of at least ``minimum``: the runtime's size arguments."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def default_threads(profile: dict) -> int:
     """Intra-op threads when the caller names none: the profile's count, capped by this machine's cores.
 
@@ -84,7 +90,7 @@ def create_session(model_path: Path, provider: str, *, threads: int | None, prof
     """Build the InferenceSession; returns (session, SessionChoice)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and not is_count(threads):
         raise GenerationError(f"threads must be a positive integer, got {threads!r}.",
                             "pass e.g. threads=4, or leave it out to use the machine's physical cores.")
     n = threads or default_threads(profile)
