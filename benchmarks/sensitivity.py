@@ -4,7 +4,7 @@
 
 Loads the float source (transformers), then puts the bundle's own dequantized weights into it (every
 MatMulNBits, read back from model.onnx.data; a split vocabulary matrix is scored as the bundle does: every
-token by the coarse half, the best ``refine_k`` again with both halves). Then, one group at a time (a
+token by the coarse half, the best ``refine_k`` corrected by the residual half). Then, one group at a time (a
 layer's 4-bit weights, one tensor, or every tensor of a kind such as all down projections), the float
 weights are put back and the perplexity ratio and top-1 agreement on the held-out texts are measured again.
 The gain of a group is how much of the bundle's loss it alone accounts for: the groups with the largest
@@ -147,8 +147,8 @@ class Harness:
 
     With ``act_round`` on, every linear layer holding a bundle weight of accuracy level 4 rounds its input
     as the kernel does (``float_kinds`` exempts kinds, as accuracy level 1 would), and a split vocabulary
-    is scored as the bundle's graph does it: the coarse half for every token, the best ``refine_k``
-    candidates again with the whole matrix (the refine dot product is a float MatMul, never rounded)."""
+    is scored as the bundle's graph does it: the coarse half for every token (its input rounded), the best
+    ``refine_k`` candidates' coarse logits plus their residual rows' float dot product (a MatMul)."""
 
     def __init__(self, hf_dir: Path, texts: dict[str, list[int]], threads: int | None):
         import torch
@@ -205,8 +205,8 @@ class Harness:
         rounded = self.act_round and "lm_head" not in self.float_kinds
         logits = (round_activations(x, block) if rounded else x) @ coarse.T
         ids = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-        rows = self.model.lm_head.weight[ids]  # [..., k, K]: both halves, i.e. the bundle's whole matrix
-        return logits.scatter(-1, ids, (rows @ x.unsqueeze(-1)).squeeze(-1))
+        residual = self.model.lm_head.weight[ids] - coarse[ids]  # [..., k, K]: the whole matrix less the coarse
+        return logits.scatter(-1, ids, logits.gather(-1, ids) + (residual @ x.unsqueeze(-1)).squeeze(-1))
 
     def set(self, onnx_base: str, weight: Weight | None) -> None:
         """Put the bundle's weight (or the float original, when ``weight`` is None) in place."""

@@ -132,6 +132,12 @@ def test_vocab_refine_rescores_the_coarse_logits_best_candidates_with_the_full_m
     assert ops["TopK"] == 1 and ops["ScatterElements"] == 1 and ops["MatMulNBits"] == 2
     head_node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.input[1])
     assert {a.name: a.i for a in head_node.attribute}["bits"] == 4  # the lm_head reads half the bytes
+    # the candidates' coarse logits are TopK's values: the refine gathers residual rows only, so a decode step
+    # never reads the mapped coarse table (only the embedding does, for the input tokens)
+    topk = next(n for n in model.graph.node if n.op_type == "TopK")
+    readers = [n.input[0] for n in model.graph.node if n.op_type == "GatherBlockQuantized" and topk.output[1] in n.input]
+    assert readers == ["lm_head.MatMul.residual.qweight"]
+    assert any(n.op_type == "Add" and topk.output[0] in n.input for n in model.graph.node)
 
     # the 8- or 6-bit matrix is the symmetric RTN grid (the split needs its middle zero point), coarse + residual
     # == it; at 6 bits the residual gathers read 2-bit codes
@@ -299,9 +305,9 @@ def test_quantized_bundles_have_only_block_quantized_weights(int4_bundle, int8_b
     # activations (exact_accuracy_level 0), so each 8-bit weight is two exact 4-bit halves + an Add
     halves = 2 if precision == "int8" else 1
     assert ops["MatMulNBits"] == halves * (5 * LAYERS + 1)
-    # int4: the lm_head is split in a 4-bit half and a 2-bit residual, whose candidate rows two more gathers read
+    # int4: the lm_head is split in a 4-bit half and a 2-bit residual, whose candidate rows one more gather reads
     refined = precision == "int4"
-    assert ops["GatherBlockQuantized"] == (3 if refined else 1) and ops["GroupQueryAttention"] == LAYERS
+    assert ops["GatherBlockQuantized"] == (2 if refined else 1) and ops["GroupQueryAttention"] == LAYERS
     assert ops["TopK"] == ops["ScatterElements"] == (1 if refined else 0)
     assert ops["SkipSimplifiedLayerNormalization"] >= LAYERS
     assert not [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and set(n.input) & inits]
@@ -339,8 +345,9 @@ def test_tied_int4_bundle_stores_the_shared_matrix_once(int4_tied_bundle) -> Non
     model, ops = ops_of(int4_tied_bundle)
     head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head"))
     gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
-    # embedding and lm_head candidates read the lm_head's coarse codes and one residual tensor: 2 x 2 gathers
-    assert len(gathers) == 4 and sum(n.input[0] == head.input[1] for n in gathers) == 2
+    # the embedding reads the lm_head's coarse codes and the one residual tensor, the lm_head's candidates
+    # only the residual (their coarse logits are TopK's values): 3 gathers over 2 tensors
+    assert len(gathers) == 3 and sum(n.input[0] == head.input[1] for n in gathers) == 1
     assert len({n.input[0] for n in gathers}) == 2
     assert read_manifest(int4_tied_bundle).quantization["summary"]["shared_embeddings"]["bits"] == "4+2"
     assert ops["MatMulNBits"] == 5 * LAYERS + 1

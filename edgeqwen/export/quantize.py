@@ -344,10 +344,12 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     """The vocabulary matrix as a coarse 4-bit part + a 4- or 2-bit residual (``blockquant.split_coarse``).
 
     lm_head: the coarse half alone gives approximate logits (MatMulNBits, half the bytes of 8 bits); TopK
-    picks the ``top_k`` best; their rows are gathered from both halves (the exact 8-bit values) and dotted
-    with the hidden state in float; ScatterElements writes those logits over the approximate ones. Every
-    token greedy or top-k/top-p sampling can pick gets its 8-bit logit; only the far tail keeps 4-bit
-    error. The embedding (when shared) sums both halves' rows, so it is the 8-bit table.
+    picks the ``top_k`` best; their residual rows are gathered and dotted with the hidden state in float,
+    and added to their coarse logits (TopK's values); ScatterElements writes those sums over the approximate
+    logits. Every token greedy or top-k/top-p sampling can pick gets its 8-bit logit; only the far tail keeps
+    4-bit error. The candidates' coarse rows are not gathered again: their dot is already in TopK's values,
+    and reading 128 random rows a step from the mapped coarse table faulted ~50 MB of it back into RSS within
+    a 128-token answer. The embedding (when shared) sums both halves' rows, so it is the 8-bit table.
     Returns (embedding nodes or [], lm_head nodes, initializers).
     """
     logits = matmul.output[0]
@@ -368,23 +370,28 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     dims = {2: f"{base}.rows_shape2", 3: f"{base}.rows_shape3"}  # [..., K_blocks, block] -> [..., hidden]
     inits += [numpy_helper.from_array(np.array([0] * r + [coarse.k], np.int64), n) for r, n in dims.items()]
 
-    def rows(indices: str, out: str, rank: int, tag: str) -> list:
-        return [_gbq(f"{tag}/Coarse", head.input[1], indices, f"{base}.coarse.scales", c_zp, out + "/c", coarse),
-                _gbq(f"{tag}/Residual", r_codes, indices, r_scales, r_zp, out + "/r", residual),
-                helper.make_node("Add", [out + "/c", out + "/r"], [out + "/blocks"], name=f"{tag}/Add"),
-                helper.make_node("Reshape", [out + "/blocks", dims[rank]], [out], name=f"{tag}/Reshape")]
+    def residual_rows(indices: str, out: str, rank: int, tag: str) -> list:
+        return [_gbq(f"{tag}/Residual", r_codes, indices, r_scales, r_zp, out + "/r", residual),
+                helper.make_node("Reshape", [out + "/r", dims[rank]], [out], name=f"{tag}/Reshape")]
 
-    embed = rows(gather.input[1], gather.output[0], 2, gather.name + "Split") if gather is not None else []
+    embed = []
+    if gather is not None:  # [..., K_blocks, block] rows of both halves, summed, reshaped to [..., hidden]
+        ids, out, tag = gather.input[1], gather.output[0], gather.name + "Split"
+        embed = [_gbq(f"{tag}/Coarse", head.input[1], ids, f"{base}.coarse.scales", c_zp, out + "/c", coarse),
+                 _gbq(f"{tag}/Residual", r_codes, ids, r_scales, r_zp, out + "/r", residual),
+                 helper.make_node("Add", [out + "/c", out + "/r"], [out + "/blocks"], name=f"{tag}/Add"),
+                 helper.make_node("Reshape", [out + "/blocks", dims[2]], [out], name=f"{tag}/Reshape")]
     k, last = f"{base}.refine_k", f"{base}.axis_last"
     inits += [numpy_helper.from_array(np.array([min(top_k, coarse.n)], np.int64), k),
               numpy_helper.from_array(np.array([-1], np.int64), last)]
     t, hidden = matmul.name + "Refine", matmul.input[0]
-    # rows [..., top_k, hidden] @ hidden [..., hidden, 1]: a MatMul, whose kernels accumulate fp16 in fp32
+    # residual rows [..., top_k, hidden] @ hidden [..., hidden, 1]: a MatMul, whose kernels accumulate fp16 in fp32
     refine = [helper.make_node("TopK", [logits + "/coarse", k], [t + "/values", t + "/ids"], name=t + "/TopK", axis=-1),
-              *rows(t + "/ids", t + "/rows", 3, t),
+              *residual_rows(t + "/ids", t + "/rows", 3, t),
               helper.make_node("Unsqueeze", [hidden, last], [t + "/hidden"], name=t + "/Unsqueeze"),
               helper.make_node("MatMul", [t + "/rows", t + "/hidden"], [t + "/dots"], name=t + "/Dot"),
-              helper.make_node("Squeeze", [t + "/dots", last], [t + "/exact"], name=t + "/Squeeze"),
+              helper.make_node("Squeeze", [t + "/dots", last], [t + "/residual"], name=t + "/Squeeze"),
+              helper.make_node("Add", [t + "/values", t + "/residual"], [t + "/exact"], name=t + "/Add"),
               helper.make_node("ScatterElements", [logits + "/coarse", t + "/ids", t + "/exact"], [logits],
                                name=t + "/Scatter", axis=-1)]
     views = [*c_view, *r_view]  # before the first reader: the embedding if shared, else the lm_head
