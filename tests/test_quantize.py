@@ -138,6 +138,8 @@ def test_vocab_refine_rescores_the_coarse_logits_best_candidates_with_the_full_m
     readers = [n.input[0] for n in model.graph.node if n.op_type == "GatherBlockQuantized" and topk.output[1] in n.input]
     assert readers == ["lm_head.MatMul.residual.qweight"]
     assert any(n.op_type == "Add" and topk.output[0] in n.input for n in model.graph.node)
+    read = {i for n in model.graph.node for i in n.input}
+    assert not [t.name for t in model.graph.initializer if t.name not in read]  # nothing stored for no reader
 
     # the 8- or 6-bit matrix is the symmetric RTN grid (the split needs its middle zero point), coarse + residual
     # == it; at 6 bits the residual gathers read 2-bit codes

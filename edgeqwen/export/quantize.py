@@ -359,6 +359,8 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     head, inits = _matmul_nbits(coarse_node, coarse, wname, accuracy_level, dtype)
     base = wname.replace(".weight", "")
     c_view, c_inits, c_zp = _gather_view(f"{base}.coarse", coarse, head.input[2])
+    if gather is None:  # the coarse codes are read by the lm_head alone: no gather needs their zero points
+        c_inits = [t for t in c_inits if t.name != c_zp]
     r_codes, r_scales, r_div = f"{base}.residual.qweight", f"{base}.residual.scales", f"{base}.residual.div"
     # the residual's scales are the coarse ones / 2^bits (split_coarse): computed in the graph, folded at load
     r_view = [helper.make_node("Div", [f"{base}.coarse.scales", r_div], [r_scales], name=f"{base}/ResidualScales")]
@@ -367,7 +369,8 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     r_zp_inits, r_zp = _gather_zero_points(residual, f"{base}.residual.qzeros")
     r_inits += r_zp_inits
     inits = inits + c_inits + r_inits
-    dims = {2: f"{base}.rows_shape2", 3: f"{base}.rows_shape3"}  # [..., K_blocks, block] -> [..., hidden]
+    # row shapes, [..., K_blocks, block] -> [..., hidden]: rank 3 for the candidates, 2 for the embedding
+    dims = {3: f"{base}.rows_shape3"} | ({2: f"{base}.rows_shape2"} if gather is not None else {})
     inits += [numpy_helper.from_array(np.array([0] * r + [coarse.k], np.int64), n) for r, n in dims.items()]
 
     def residual_rows(indices: str, out: str, rank: int, tag: str) -> list:
