@@ -416,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eight-bit", metavar="PATTERNS",
                    help="int4: comma list of weights kept at 8 bits, replacing the profile's (default "
                         "'attn.,mlp.gate_proj,lm_head,measured', under 450 MB on the 0.5B; adding 'mlp.up_proj': "
-                        "most faithful, +7%% bytes, faster prefill; 'lm_head': everything else 4-bit, smaller and "
-                        "faster, less faithful; 'none': everything 4-bit, smallest)")
+                        "most faithful, +7%% bytes; 'lm_head': everything else 4-bit, smaller and faster, less "
+                        "faithful; 'none': everything 4-bit, smallest)")
     p.add_argument("--vocab-refine", type=int, metavar="N",
                    help="int4 with an 8-bit lm_head: it reads a 4-bit half and rescores its best N candidates at "
                         "full precision (profile default 128; 0: read the whole matrix every step)")
