@@ -167,6 +167,7 @@ class Harness:
         self.float_kinds: set[str] = set()
         self.rounding: dict[str, tuple[int, str, object]] = {}  # module -> (block, kind, dense offsets)
         self.refine = None  # (coarse [V, K] tensor, top k, block) while the bundle's split vocabulary is in
+        self.input_scales: dict[str, object] = {}  # "model.layers.N.self_attn." -> smoothing's s ([K] tensor)
         for name, module in self.modules.items():
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 module.register_forward_pre_hook(self._pre)
@@ -229,7 +230,13 @@ class Harness:
             seen.add(id(p))
             if pname not in self.float:
                 self.float[pname] = p.data.clone()
-            src = self.float[pname] if weight is None else torch.from_numpy(np.ascontiguousarray(weight.value[rows]))
+            if weight is None:  # the float weight, smoothed as the bundle's norm expects (``smooth_norms``)
+                parts = pname.rsplit(".", 2)  # [..."model.layers.N.self_attn", "q_proj", "weight"]
+                qkv = len(parts) == 3 and parts[1] in ("q_proj", "k_proj", "v_proj")
+                scale = self.input_scales.get(parts[0] + ".") if qkv else None
+                src = self.float[pname] if scale is None else self.float[pname] * scale
+            else:
+                src = torch.from_numpy(np.ascontiguousarray(weight.value[rows]))
             p.data.copy_(src)
         if onnx_base == "lm_head.MatMul":
             split = weight is not None and weight.coarse is not None
@@ -242,6 +249,19 @@ class Harness:
     def set_tensor(self, pname: str, value: np.ndarray) -> None:
         """Overwrite one transformers parameter (e.g. a norm's gamma read from the bundle)."""
         self.params[pname].data.copy_(self.torch.from_numpy(np.ascontiguousarray(value)))
+
+    def smooth_norms(self, gammas: dict[str, np.ndarray]) -> None:
+        """Take the bundle's attention-norm gammas. Smoothing (export/smooth.py) divided a gamma by s and
+        multiplied the q/k/v input columns by s, so a q/k/v put back float must be multiplied by s too, or its
+        row measures the mismatch (ratios ~10), not the quantization."""
+        for name, gamma in gammas.items():
+            if name not in self.params:
+                continue
+            original = self.params[name].data.numpy().copy()
+            self.set_tensor(name, gamma)
+            s = np.divide(original, gamma, out=np.ones_like(gamma), where=gamma != 0)
+            if not np.allclose(s, 1.0):
+                self.input_scales[name.replace("input_layernorm.weight", "self_attn.")] = self.torch.from_numpy(s)
 
     def score(self) -> dict[str, tuple[float, np.ndarray]]:
         """Per text: mean NLL of the next tokens and the top-1 prediction at every position."""
@@ -288,9 +308,7 @@ def main() -> int:
     for base, w in quantized.items():
         if not any(p in base for p in args.keep):
             harness.set(base, w)
-    for name, gamma in bundle_norms(args.bundle).items():
-        if name in harness.params:
-            harness.set_tensor(name, gamma)
+    harness.smooth_norms(bundle_norms(args.bundle))
     harness.act_round = args.act_round or args.by == "activation"
 
     def row(label: str, nbytes_8bit: int = 0) -> dict:

@@ -203,8 +203,8 @@ def test_sensitivity_harness_reproduces_the_bundle(int4_tied_bundle, qwen2_tied)
     harness.act_round = False
     norms = bundle_norms(int4_tied_bundle)
     assert norms and all(name in harness.params for name in norms)
-    for name, gamma in norms.items():  # smoothing divided them by what it multiplied the q/k/v rows by
-        harness.set_tensor(name, gamma)
+    harness.smooth_norms(norms)  # smoothing divided them by what it multiplied the q/k/v input columns by
+    assert harness.input_scales  # ... so the harness keeps those factors for float q/k/v rows
     weights_only = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
     harness.act_round = True
     rounded = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
@@ -223,3 +223,10 @@ def test_sensitivity_harness_reproduces_the_bundle(int4_tied_bundle, qwen2_tied)
     harness.float_kinds = {"qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
     no_rounding = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
     np.testing.assert_allclose(no_rounding, weights_only, rtol=0, atol=1e-5)
+    # every weight put back float, beside the bundle's smoothed norms: the float model again (a "float" row
+    # measures the quantization, not a mismatch between the norm and its q/k/v)
+    harness.act_round = False
+    for base in weights:
+        harness.set(base, None)
+    back = harness.model(input_ids=harness.texts["t"]).logits[0, :-1].detach().numpy()
+    np.testing.assert_allclose(back, float_logits, rtol=0, atol=1e-4 * float(np.abs(float_logits).max()))
