@@ -369,28 +369,26 @@ def _refined_vocab(gather: onnx.NodeProto | None, matmul: onnx.NodeProto, coarse
     r_zp_inits, r_zp = _gather_zero_points(residual, f"{base}.residual.qzeros")
     r_inits += r_zp_inits
     inits = inits + c_inits + r_inits
-    # row shapes, [..., K_blocks, block] -> [..., hidden]: rank 3 for the candidates, 2 for the embedding
-    dims = {3: f"{base}.rows_shape3"} | ({2: f"{base}.rows_shape2"} if gather is not None else {})
-    inits += [numpy_helper.from_array(np.array([0] * r + [coarse.k], np.int64), n) for r, n in dims.items()]
-
-    def residual_rows(indices: str, out: str, rank: int, tag: str) -> list:
-        return [_gbq(f"{tag}/Residual", r_codes, indices, r_scales, r_zp, out + "/r", residual),
-                helper.make_node("Reshape", [out + "/r", dims[rank]], [out], name=f"{tag}/Reshape")]
-
+    # Reshape targets [..., K_blocks, block] -> [..., hidden], 0 = kept: the candidates' rows are
+    # [batch, seq, top_k, ...] (3 leading axes), the embedding's [batch, seq, ...] (2)
+    rows3, rows2 = f"{base}.rows_shape3", f"{base}.rows_shape2"
+    inits.append(numpy_helper.from_array(np.array([0, 0, 0, coarse.k], np.int64), rows3))
     embed = []
-    if gather is not None:  # [..., K_blocks, block] rows of both halves, summed, reshaped to [..., hidden]
+    if gather is not None:  # both halves' rows, summed: the embedding is the whole (8- or 6-bit) table
         ids, out, tag = gather.input[1], gather.output[0], gather.name + "Split"
+        inits.append(numpy_helper.from_array(np.array([0, 0, coarse.k], np.int64), rows2))
         embed = [_gbq(f"{tag}/Coarse", head.input[1], ids, f"{base}.coarse.scales", c_zp, out + "/c", coarse),
                  _gbq(f"{tag}/Residual", r_codes, ids, r_scales, r_zp, out + "/r", residual),
                  helper.make_node("Add", [out + "/c", out + "/r"], [out + "/blocks"], name=f"{tag}/Add"),
-                 helper.make_node("Reshape", [out + "/blocks", dims[2]], [out], name=f"{tag}/Reshape")]
+                 helper.make_node("Reshape", [out + "/blocks", rows2], [out], name=f"{tag}/Reshape")]
     k, last = f"{base}.refine_k", f"{base}.axis_last"
     inits += [numpy_helper.from_array(np.array([min(top_k, coarse.n)], np.int64), k),
               numpy_helper.from_array(np.array([-1], np.int64), last)]
     t, hidden = matmul.name + "Refine", matmul.input[0]
     # residual rows [..., top_k, hidden] @ hidden [..., hidden, 1]: a MatMul, whose kernels accumulate fp16 in fp32
     refine = [helper.make_node("TopK", [logits + "/coarse", k], [t + "/values", t + "/ids"], name=t + "/TopK", axis=-1),
-              *residual_rows(t + "/ids", t + "/rows", 3, t),
+              _gbq(f"{t}/Residual", r_codes, t + "/ids", r_scales, r_zp, t + "/rows/r", residual),
+              helper.make_node("Reshape", [t + "/rows/r", rows3], [t + "/rows"], name=t + "/Reshape"),
               helper.make_node("Unsqueeze", [hidden, last], [t + "/hidden"], name=t + "/Unsqueeze"),
               helper.make_node("MatMul", [t + "/rows", t + "/hidden"], [t + "/dots"], name=t + "/Dot"),
               helper.make_node("Squeeze", [t + "/dots", last], [t + "/residual"], name=t + "/Squeeze"),
