@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgeqwen import runtime
-from edgeqwen.errors import ContextOverflowError, GenerationError
+from edgeqwen.errors import ContextOverflowError, GenerationError, ProviderError
 from edgeqwen.runtime.generate import Engine, StopRule, decode_one, generate, prefill
 from edgeqwen.runtime.sampling import Sampler, SamplingParams
 
@@ -239,6 +239,8 @@ def test_a_fixed_seed_reproduces_sampled_tokens(models) -> None:
     ({"max_new_tokens": 2.5}, r"max_new_tokens must be a positive integer, got 2.5"),
     ({"colour": "red"}, r"Unknown generation option\(s\): colour"),
     ({"stop": ""}, r"stop must be a non-empty string"),
+    ({"stop": 5}, r"stop must be a non-empty string or a list of them, got 5"),
+    ({"stop": False}, r"stop must be a non-empty string or a list of them, got False"),
     ({"truncate": "middle"}, r"truncate must be 'error' or 'left', got 'middle'"),
     ({"stop_token_ids": "151645"}, r"stop_token_ids must be token ids \(integers in 0\.\.\d+\), got '151645'"),
     ({"stop_token_ids": [2.5]}, r"stop_token_ids must be token ids"),
@@ -246,6 +248,9 @@ def test_a_fixed_seed_reproduces_sampled_tokens(models) -> None:
     ({"stop_token_ids": [True]}, r"stop_token_ids must be token ids"),
     ({"enable_thinking": "false"}, r"enable_thinking must be True, False or None, got 'false'"),
     ({"tools": "get_weather"}, r"tools must be a list of JSON-schema tool dicts, got str"),
+    ({"tools": [{"type": "function", "function": "get_weather"}]}, r"tools\[0\] has no function name"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}, {"function": {"name": 3}}]},
+     r"tools\[1\] has no function name"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, r"tools only applies to chat messages"),
     ({"enable_thinking": False}, r"enable_thinking only applies to chat messages"),
 ])
@@ -295,6 +300,9 @@ def test_the_default_answer_length_fits_what_the_context_has_left(bundles) -> No
     assert "/reset" in info.value.fix
     half = model.generate(long_text, truncate="left", stop_token_ids=[])  # half the context for the answer
     assert half.stats["prompt_tokens"] == 32 and len(half.tokens) <= 32
+    # near the end of the context, truncate='left' drops old tokens rather than cutting the answer to what is left
+    assert model._default_max_new(62) == 2 and model._default_max_new(62, "left") == 32
+    assert model._default_max_new(10, "left") == 54
 
 
 def test_a_stream_stopped_early_leaves_its_own_result(models) -> None:
@@ -322,6 +330,65 @@ def test_conversation_history_matches_what_was_shown(models) -> None:
     reply = chat.send("and again?", max_new_tokens=8, stop_token_ids=[])
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert reply.stats["reused_tokens"] > 0
+
+
+def test_an_empty_answer_is_a_turn_of_its_own(models) -> None:
+    """A reply whose first token is a stop token has no text, but it is this turn's result, and the history
+    shows it (an agent loop must not see the previous turn's tool calls again)."""
+    model = models["qwen2_tied"]
+    chat = model.chat(system="be brief")
+    first = model.generate(chat.messages + [{"role": "user", "content": "hello"}], max_new_tokens=1,
+                           stop_token_ids=[]).tokens[0]
+    empty = chat.send("hello", max_new_tokens=8, stop_token_ids=[first])
+    assert empty.tokens == [] and empty.text == "" and empty.finish_reason == "stop"
+    assert chat.messages[1:] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]
+    full = chat.send("again", max_new_tokens=3, stop_token_ids=[])
+    assert full is chat.last and full is not empty and full.stats["reused_tokens"] > 0
+    again = chat.send("and once more", max_new_tokens=8, stop_token_ids=[0, *range(model.manifest.spec.vocab_size)])
+    assert again is chat.last and again is not full and again.tokens == []
+    assert [m["role"] for m in chat.messages] == ["system"] + ["user", "assistant"] * 3
+
+
+def test_a_paused_stream_refuses_to_continue_on_another_generations_cache(models) -> None:
+    model = models["qwen2_untied"]
+    paused = model.stream(PROMPTS["english"], max_new_tokens=30, stop_token_ids=[])
+    next(paused)
+    other = model.generate(PROMPTS["code"], max_new_tokens=5, stop_token_ids=[])
+    with pytest.raises(GenerationError, match="Another generation ran on this model while this stream was paused"):
+        list(paused)
+    again = model.generate(PROMPTS["code"], max_new_tokens=5, stop_token_ids=[])
+    assert again.tokens == other.tokens and again.stats["reused_tokens"] > 0
+
+
+def test_an_onnxruntime_failure_is_a_provider_error_and_the_cache_stays_usable(models, monkeypatch) -> None:
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    model = models["qwen2_untied"]
+    want = model.generate(PROMPTS["english"], max_new_tokens=6, stop_token_ids=[]).tokens
+    real, calls = model.session.run_with_iobinding, []
+
+    def flaky(binding, *args):
+        calls.append(1)
+        if len(calls) == 4:  # the prefill and two steps went through
+            raise Fail("simulated: CUDA out of memory")
+        return real(binding, *args)
+
+    monkeypatch.setattr(model.session, "run_with_iobinding", flaky)
+    with pytest.raises(ProviderError, match=r"onnxruntime failed running 1 token\(s\) .*simulated: CUDA out of memory"):
+        model.generate(PROMPTS["english"] + " more", max_new_tokens=6, stop_token_ids=[], lookup=0)
+    monkeypatch.undo()
+    assert model.generate(PROMPTS["english"], max_new_tokens=6, stop_token_ids=[]).tokens == want
+
+
+def test_stop_strings_that_are_special_tokens_stop_by_id(models) -> None:
+    """Decoded text skips special tokens, so a stop string such as '<|im_end|>' could never match as text."""
+    model = models["qwen2_tied"]
+    special = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items() if t.special}
+    assert "<|im_end|>" in special
+    assert model._special_stop_ids(["<|im_end|>", "\n\n", "hello"]) == {special["<|im_end|>"]}
+    plain = model.generate(PROMPTS["english"], max_new_tokens=4, stop_token_ids=[])
+    assert model.generate(PROMPTS["english"], max_new_tokens=4, stop="<|im_end|>", stop_token_ids=[]).tokens == \
+        plain.tokens  # the random model never picks it here
 
 
 def test_bad_prompts(models) -> None:

@@ -139,6 +139,11 @@ class Model:
         frequency_penalty, seed, stop (str or list of str), stop_token_ids, tools, enable_thinking,
         truncate ("error" | "left"), lookup (tokens drafted per step from earlier text, 0 = off; see
         ``lookup.py``). Unset sampling options come from the bundle's generation_config.json.
+
+        A seed replays a sample exactly from the same cache state. A repeated prompt reuses its cached
+        prefix and reruns only its last token, alone; on bundles with int8 activations a one-row run rounds
+        slightly differently from a chunk, so a near-tie can go the other way: ``reset()`` first for an
+        exact replay.
         """
         sink = _Sink()
         for _ in self._run(prompt, options, sink):
@@ -175,23 +180,21 @@ class Model:
         if truncate not in ("error", "left"):
             raise GenerationError(f"truncate must be 'error' or 'left', got {truncate!r}.",
                                   "use truncate='left' to drop the oldest prompt tokens.")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) and s for s in stops):
+        stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
+        if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
             raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}.",
                                   "pass e.g. stop=['\\n\\n'].")
+        stops = stops or []
         if thinking is not None and not isinstance(thinking, bool):
             raise GenerationError(f"enable_thinking must be True, False or None, got {thinking!r}.",
                                   "pass enable_thinking=False to turn Qwen3's thinking off.")
-        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-            raise GenerationError(f"tools must be a list of JSON-schema tool dicts, got {type(tools).__name__}.",
-                                  "pass tools=[{'type': 'function', 'function': {'name': ..., 'parameters': "
-                                  "{...}}}].")
-        stop_set = self.eos_token_ids | self._stop_ids(stop_ids)
+        _check_tools(tools)
+        stop_set = self.eos_token_ids | self._stop_ids(stop_ids) | self._special_stop_ids(stops)
         params = SamplingParams.from_generation_config(self.generation_config, **opts).validate()
         ids = self.prompt_tokens(prompt, tools=tools, enable_thinking=thinking)
         explicit = max_new is not None
         if max_new is None:
-            max_new = self._default_max_new(len(ids))
+            max_new = self._default_max_new(len(ids), truncate)
         ids = self._fit(ids, max_new, truncate, explicit=explicit)
         stats = Stats()
         detok = IncrementalDetokenizer(self.tokenizer)
@@ -250,15 +253,24 @@ class Model:
                                   "pass e.g. stop_token_ids=[151645]; for text, use stop=['...'].")
         return frozenset(ids)
 
-    def _default_max_new(self, prompt_len: int) -> int:
+    def _default_max_new(self, prompt_len: int, truncate: str = "error") -> int:
         """Without max_new_tokens: 512, or what the context has left after the prompt when that is less.
 
         A short context (an export with --context 256, or a long chat) would otherwise refuse every prompt
         for want of room the answer may never need. With no room at all, half the context is asked for, so
-        truncate='left' keeps room for an answer and truncate='error' names the problem.
+        truncate='left' keeps room for an answer and truncate='error' names the problem. With
+        truncate='left' the answer never gets less than that half: a chat near the end of the context drops
+        old tokens instead of cutting the answer to the few that are left.
         """
-        room = self.context - prompt_len
-        return min(DEFAULT_MAX_NEW_TOKENS, room if room > 0 else max(1, self.context // 2))
+        room, half = self.context - prompt_len, max(1, self.context // 2)
+        if truncate == "left":
+            return min(DEFAULT_MAX_NEW_TOKENS, max(room, half))
+        return min(DEFAULT_MAX_NEW_TOKENS, room if room > 0 else half)
+
+    def _special_stop_ids(self, stops: list[str]) -> frozenset[int]:
+        """Stop strings that are special tokens (``<|im_start|>``): decoded text skips those, so they stop by id."""
+        special = {tok.content: i for i, tok in self.tokenizer.get_added_tokens_decoder().items() if tok.special}
+        return frozenset(special[s] for s in stops if s in special)
 
     def _float_kernels_on_cpu(self) -> bool:
         plan = (self.manifest.quantization or {}).get("plan", {})
@@ -342,15 +354,18 @@ class Conversation:
             yield from self.model._run(self.messages, self._options(options), sink)
         finally:
             result = getattr(sink, "result", None)
-            if result is not None and result.tokens:
+            # an empty answer that ended by itself (the model's first token was its end) is still a turn
+            if result is not None and (result.tokens or result.finish_reason in ("stop", "length")):
                 self._record(result)
             elif text is not None:
                 self.messages.pop()
+            if result is not None:
+                self.last = result
 
     def send(self, text: str | None, **options: Any) -> Result:
         for _ in self.stream(text, **options):
             pass
-        assert self.last is not None
+        assert self.last is not None  # stream() sets it to this turn's result (an error raises instead)
         return self.last
 
     def add_tool_result(self, content: str, name: str | None = None) -> None:
@@ -378,6 +393,19 @@ def load(bundle: str | Path, provider: str = "auto", threads: int | None = None,
     folder = Path(bundle)
     manifest = load_bundle(folder, verify=verify)
     return Model(folder, manifest, provider=provider, threads=threads, context=context, prefill_chunk=prefill_chunk)
+
+
+def _check_tools(tools: Any) -> None:
+    """Tools are OpenAI-style dicts; each function needs a string name (the template and the reply parser use it)."""
+    fix = "pass tools=[{'type': 'function', 'function': {'name': ..., 'parameters': {...}}}]."
+    if tools is None:
+        return
+    if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise GenerationError(f"tools must be a list of JSON-schema tool dicts, got {type(tools).__name__}.", fix)
+    for i, tool in enumerate(tools):
+        function = tool.get("function", tool)
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str) and function["name"]):
+            raise GenerationError(f"tools[{i}] has no function name: {tool!r:.120}.", fix)
 
 
 def _read_json(path: Path) -> dict:

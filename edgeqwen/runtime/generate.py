@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Manifest
-from ..errors import ContextOverflowError, GenerationError
+from ..errors import ContextOverflowError, GenerationError, ProviderError
 from .kv_cache import ConcatKVCache, KVCache
 from .lookup import MAX_DRAFT, DraftLength, NgramIndex
 from .sampling import Sampler
@@ -84,6 +84,7 @@ class Engine:
         self._bound_rows = 0
         self._step_ids = np.zeros((1, 1), dtype=np.int64)
         self._step_ids_ort = ort.OrtValue.ortvalue_from_numpy(self._step_ids)
+        self.owner: object | None = None  # the generate() call whose tokens the cache holds
 
     @property
     def max_draft(self) -> int:
@@ -100,7 +101,11 @@ class Engine:
         n = ids.shape[1]
         past, total = self.cache.length, self.cache.length + n
         b = self.binding
-        self.cache.bind(b, self.io, n)
+        try:
+            self.cache.bind(b, self.io, n)
+        except MemoryError as e:
+            raise GenerationError(f"Out of memory growing the KV cache to {total} tokens.",
+                                  "load with a smaller context=, or start a new conversation.") from e
         if n == 1:
             self._step_ids[0, 0] = ids[0, 0]
             b.bind_ortvalue_input(self.io.input_ids, self._step_ids_ort)
@@ -117,7 +122,12 @@ class Engine:
                 b.bind_output(self.io.logits, "cpu", 0, self._logits.dtype, [1, rows, self.spec.vocab_size],
                               self._logits.ctypes.data)
                 self._bound_rows = rows
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as e:  # onnxruntime's own types (Fail, RuntimeException, ...), e.g. a GPU out of memory
+            raise ProviderError(f"onnxruntime failed running {n} token(s) after {past} cached: "
+                                f"{str(e).strip()[:300]}", "load with a smaller context= or prefill_chunk=, or "
+                                "provider='cpu'; the conversation is kept up to the last finished step.") from e
         self.cache.advance(n)
         if self.io.logits_last_only:
             return self._logits[0, : self._bound_rows]
@@ -186,9 +196,13 @@ def decode_draft(engine: Engine, token: int, draft: Sequence[int]) -> np.ndarray
 
 
 def rewind(engine: Engine, length: int) -> None:
-    """Forget everything after the first ``length`` cached tokens (rejected guesses)."""
-    engine.cache.rewind(length)
+    """Forget everything after the first ``length`` cached tokens (rejected guesses).
+
+    The token list first: interrupted in between (Ctrl-C), the list is then shorter than the cache, which
+    the next prefill's common prefix handles; the other way round the cache could not rewind to it.
+    """
     del engine.tokens[length:]
+    engine.cache.rewind(length)
 
 
 @dataclass
@@ -220,6 +234,7 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
     if rule.max_new_tokens <= 0:
         return
     t0 = time.perf_counter()
+    engine.owner = me = object()
     rows, draft = prefill(engine, prompt, stats)[None, :], []
     length = DraftLength(min(lookup, engine.max_draft))
     index: NgramIndex | None = None
@@ -255,6 +270,11 @@ def generate(engine: Engine, prompt: Sequence[int], sampler: Sampler, rule: Stop
             yield token
         if stopped or produced >= rule.max_new_tokens:
             break
+        if engine.owner is not me:  # resumed after another generation used this cache
+            raise GenerationError("Another generation ran on this model while this stream was paused, so its "
+                                  "KV cache no longer holds this stream's text.",
+                                  "finish or close one stream before starting the next on the same model, or "
+                                  "load the bundle once per concurrent conversation.")
         # at most max_new - produced - 1 guesses: the run's last pick is then never a guess, so the token
         # that ends the generation is never in the cache, as in a plain run
         room = min(length.current, rule.max_new_tokens - produced - 1, engine.context - engine.cache.length - 1)

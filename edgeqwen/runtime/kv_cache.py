@@ -59,10 +59,11 @@ class KVCache:
         n = self.length
         for old, new in zip(self.keys + self.values, keys + values):
             new[:, :, :n] = old[:, :, :n]
-        self.keys, self.values, self.capacity = keys, values, new_cap
-        self.key_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in keys]
-        self.value_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in values]
-        self.generation += 1
+        key_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in keys]
+        value_ort = [ort.OrtValue.ortvalue_from_numpy(a) for a in values]
+        # one assignment: an interrupt before it leaves the old buffers and bindings whole
+        self.keys, self.values, self.key_ort, self.value_ort, self.capacity, self.generation = (
+            keys, values, key_ort, value_ort, new_cap, self.generation + 1)
         return True
 
     def rewind(self, length: int) -> None:
