@@ -179,6 +179,22 @@ def test_bad_requests_get_openai_errors_and_the_server_lives(server, body, statu
     assert client(server).models.list().data  # still serving
 
 
+def test_an_onnxruntime_failure_is_a_500_and_the_server_lives(server, model, monkeypatch):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail
+
+    def broken(*args):
+        raise Fail("simulated: out of memory")
+
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    monkeypatch.setattr(model.session, "run_with_iobinding", broken)
+    status, _, data = post(server, "/v1/chat/completions", body)
+    assert status == 500 and data["error"]["type"] == "server_error" and data["error"]["code"] == "ProviderError"
+    assert "simulated: out of memory" in data["error"]["message"]
+    monkeypatch.undo()
+    status, _, data = post(server, "/v1/chat/completions", body)
+    assert status == 200 and data["choices"][0]["message"]["content"] is not None
+
+
 def test_prompt_limits_name_the_counts(server, model):
     long = [{"role": "user", "content": "many words " * 150}]
     n = len(model.encode(model.render(long)))

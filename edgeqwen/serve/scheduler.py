@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import EdgeQwenError
+from ..errors import EdgeQwenError, ProviderError
 from .protocol import APIError, GenRequest
 
 log = logging.getLogger("edgeqwen.serve")
@@ -197,6 +197,10 @@ class Scheduler:
                 if job.cancelled.is_set():
                     break
                 job.events.put(("piece", piece))
+        except ProviderError as e:  # onnxruntime failed mid-run (e.g. out of memory): the server's fault
+            log.error("generation failed: %s", e)
+            job.events.put(("error", APIError(500, str(e), type="server_error", code=type(e).__name__)))
+            return
         except EdgeQwenError as e:  # validated requests should not get here; report, keep serving
             log.warning("generation failed: %s", e)
             job.events.put(("error", APIError(400, str(e), code=type(e).__name__)))
