@@ -133,19 +133,50 @@ def read_manifest(folder: Path | str) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise BundleError(f"{path} is unreadable or not JSON ({e}).", "re-export or re-copy the bundle.") from e
-    if data.get("format") != FORMAT:
-        raise BundleError(f"{path} is not an edgeqwen manifest (format={data.get('format')!r}).",
-                          "re-export the bundle.")
-    if data.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        what = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise BundleError(f"{path} is not an edgeqwen manifest (format={what!r}).", "re-export the bundle.")
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{path} has format_version={version!r}, not an integer.", "re-export the bundle.")
+    _check_file_table(path, data.get("files"))
+    if version > FORMAT_VERSION:
         raise BundleError(
             f"The bundle uses format version {data.get('format_version')}, newer than this edgeqwen "
             f"understands ({FORMAT_VERSION}).", "upgrade edgeqwen: pip install -U edgeqwen.")
     return Manifest.from_dict(data)
 
 
+# files the runtime (or onnxruntime, for the weights) reads when they are there: each must be covered by a
+# checksum, so a template or config dropped into a bundle after export cannot change what it does unseen
+RUNTIME_FILES = ("model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+                 "generation_config.json", "chat_template.jinja")
+REQUIRED_FILES = ("model.onnx", "tokenizer.json")
+
+
+def _check_file_table(path: Path, files: Any) -> None:
+    """The manifest's ``files``: a table of name -> {sha256: hex string, size: bytes}, listing the required files."""
+    fix = "re-export the bundle (the manifest was edited or written by another tool)."
+    if not isinstance(files, dict):
+        raise BundleError(f"{path} has no file table ('files' is {type(files).__name__}).", fix)
+    for name, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                and isinstance(info.get("size"), int) and not isinstance(info.get("size"), bool)):
+            raise BundleError(f"{path}: the entry for {name!r} needs a sha256 string and a size, got {info!r:.100}.",
+                              fix)
+    missing = [n for n in REQUIRED_FILES if n not in files]
+    if missing:
+        raise BundleError(f"{path} does not list {', '.join(missing)}, so the bundle cannot be checked.", fix)
+
+
 def verify_files(folder: Path | str, manifest: Manifest, *, checksums: bool = True) -> None:
     """Check presence and size of every listed file, and (by default) its sha256."""
     folder = Path(folder)
+    unlisted = [n for n in RUNTIME_FILES if n not in manifest.files and (folder / n).is_file()]
+    if unlisted:
+        raise BundleError(f"{folder} holds {', '.join(unlisted)}, which its manifest does not list (added or "
+                          "renamed after export), so no checksum covers what the runtime would read.",
+                          "remove the file(s), or re-export the bundle.")
     for name, info in manifest.files.items():
         p = folder / name
         if not p.is_file():
@@ -180,6 +211,9 @@ class AtomicFolder:
 
     def check_target(self) -> None:
         t = self.target
+        if os.path.ismount(t):
+            raise BundleError(f"Output folder {t} is a mount point; the finished bundle is renamed into place, "
+                              "which a mount point cannot be.", f"write into a subfolder, e.g. -o {t / 'bundle'}.")
         if t.exists():
             if t.is_file():
                 raise BundleError(f"Output path {t} is a file.", "choose a folder path for -o.")
@@ -203,15 +237,22 @@ class AtomicFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        # mkdtemp creates 0700; a bundle is meant to be copied and shared, so give it ordinary permissions
-        os.chmod(self.tmp, 0o755)
-        for p in self.tmp.iterdir():
-            if p.is_file():
-                os.chmod(p, 0o644)
-        os.replace(self.tmp, self.target)
+        try:
+            # mkdtemp creates 0700; a bundle is meant to be copied and shared, so give it ordinary permissions
+            os.chmod(self.tmp, 0o755)
+            for p in self.tmp.iterdir():
+                if p.is_file():
+                    os.chmod(p, 0o644)
+            if self.target.exists():
+                old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+                os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
+        except OSError as e:  # the export itself is done: keep it and say where it is
+            if old is not None and not self.target.exists():
+                os.replace(old, self.target)  # put the previous bundle back
+                old = None
+            raise BundleError(f"The finished bundle could not be moved to {self.target} ({e}); it is complete in "
+                              f"{self.tmp}.", f"move {self.tmp} where you want it, or choose another -o.") from e
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

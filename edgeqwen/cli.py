@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -281,6 +283,11 @@ def _eval_texts(files: list[str] | None) -> dict[str, str]:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluate, runtime
 
+    if args.metric == "agreement" and (args.context is not None or args.stride is not None):
+        raise GenerationError("--context and --stride apply to `eval perplexity`; `eval agreement` scores each "
+                              "text in one window of --max-tokens tokens.",
+                              "drop them, or use `eval perplexity --text FILE --reference MODEL`, which also "
+                              "reports agreement.")
     model = runtime.load(args.bundle, provider=args.provider, threads=args.threads)
     reference = evaluate.load_reference(args.reference, threads=args.threads) if args.reference else None
     show = not args.json
@@ -294,7 +301,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise GenerationError("`eval agreement` compares with a reference model.",
                                   "pass --reference MODEL (alias, HF folder or .gguf).")
         texts = _eval_texts(args.text and [args.text])
-        out = evaluate.agreement(model, reference, texts, max_tokens=args.max_tokens or 256,
+        out = evaluate.agreement(model, reference, texts, max_tokens=256 if args.max_tokens is None else args.max_tokens,
                                  progress=_progress(show, "scoring"))
     if args.json:
         print(json.dumps(out, indent=2))
@@ -436,7 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy level per layer type, over --accuracy-level for those weights (types: attn, mlp, "
                         "qkv_proj, o_proj, gate_proj, up_proj, down_proj, lm_head), e.g. 'down_proj=0' keeps "
                         "float activations where int8 rounding costs the most; the profile's accuracy_levels")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for calibration and verification on this machine (default: every core)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--no-verify", action="store_true", help="skip the comparison with the float source")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -497,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "devices" and args.action == "show" and not args.name:
@@ -505,6 +517,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "eval" and args.metric == "perplexity" and not args.text:
         print("edgeqwen: error: `eval perplexity` needs --text FILE.", file=sys.stderr)
         return 2
+    catch_term = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if catch_term:
+        # `timeout`, `docker stop`, a cancelled CI job: unwind as on Ctrl-C, so an export removes its temporary
+        # folders (`serve` installs its own handler, which drains requests first)
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args) or 0
     except EdgeQwenError as e:
@@ -513,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nedgeqwen: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if catch_term:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -131,12 +131,15 @@ class PerplexityResult:
 def perplexity(model, text: str, *, context: int | None = None, stride: int | None = None, reference=None,
                max_tokens: int | None = None, progress: Callable[[Iterable], Iterable] = lambda it: it
                ) -> PerplexityResult:
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 2):
+        raise GenerationError(f"max_tokens must be an integer of at least 2 (tokens to score), got {max_tokens!r}.",
+                              "pass e.g. --max-tokens 512, or leave it out to score the whole text.")
     tokens = model.encode(text)[:max_tokens]
     if len(tokens) < 2:
         raise GenerationError(f"The text has {len(tokens)} token(s); perplexity needs at least 2.",
                               "pass a longer text.")
-    context = min(context or 1024, model.context)
-    stride = stride or max(1, context // 2)
+    context = min(1024 if context is None else context, model.context)
+    stride = max(1, context // 2) if stride is None else stride
     spans = windows(len(tokens), context, stride)
     nll, top = bundle_nll(model, tokens, spans, progress)
     result = PerplexityResult(tokens=len(nll), perplexity=math.exp(float(nll.mean())), context=context,

@@ -158,7 +158,7 @@ def _check_providers(key: str, value: Any, source: str) -> tuple[str, ...]:
     for item in items:
         short = item.strip().lower() if isinstance(item, str) else item
         short = long_to_short.get(short, short) if isinstance(short, str) else short
-        if short not in PROVIDER_NAMES:
+        if not isinstance(short, str) or short not in PROVIDER_NAMES:
             raise _bad_value(key, item, allowed, source)
         if short in out:
             raise _bad_value(key, value, f"each of {allowed} at most once", source,
@@ -484,6 +484,9 @@ def _read_raw(name_or_path: str) -> tuple[dict[str, Any], str, bool]:
         except OSError as exc:
             raise ProfileError(f"Cannot read profile file {path}: {exc}.",
                                "check the path and permissions.") from exc
+        except UnicodeDecodeError as exc:  # TOML is UTF-8; e.g. a UTF-16 file saved by Windows Notepad
+            raise ProfileError(f"Profile file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).",
+                               "save it as UTF-8 (TOML files must be UTF-8).") from exc
         raw = _parse_toml(text, str(path))
         raw.setdefault("name", path.stem)
         return raw, str(path), False

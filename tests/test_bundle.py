@@ -240,6 +240,71 @@ def test_foreign_and_malformed_manifests(fp32_bundles, bundle_copy) -> None:
         runtime.load(folder, threads=1)
 
 
+@pytest.mark.parametrize("edit, words", [
+    ({"format_version": "1"}, "format_version='1', not an integer"),
+    ({"format_version": None}, "format_version=None, not an integer"),
+    ({"files": None}, r"has no file table \('files' is NoneType\)"),
+    ({"files": ["model.onnx"]}, r"has no file table \('files' is list\)"),
+    ({"files": {"model.onnx": "abc"}}, "the entry for 'model.onnx' needs a sha256 string and a size"),
+    ({"files": {"model.onnx": {"sha256": "00"}}}, "the entry for 'model.onnx' needs a sha256 string and a size"),
+    ({"files": {}}, "does not list model.onnx, tokenizer.json, so the bundle cannot be checked"),
+])
+def test_a_malformed_manifest_is_a_bundle_error(fp32_bundles, bundle_copy, edit: dict, words: str) -> None:
+    folder = bundle_copy(fp32_bundles["qwen2_tied"])
+    _edit_manifest(folder, **edit)
+    with pytest.raises(BundleError, match=words):
+        runtime.load(folder, threads=1)
+
+
+def test_a_manifest_that_is_not_an_object(fp32_bundles, bundle_copy) -> None:
+    folder = bundle_copy(fp32_bundles["qwen2_tied"])
+    (folder / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(BundleError, match=r"is not an edgeqwen manifest \(format='list'\)"):
+        runtime.load(folder, threads=1)
+
+
+def test_a_file_the_runtime_reads_must_be_listed(fp32_bundles, bundle_copy) -> None:
+    """A chat template dropped in after export would change every prompt with no checksum covering it."""
+    folder = bundle_copy(fp32_bundles["qwen2_tied"])
+    (folder / "notes.txt").write_text("files the runtime never reads may sit beside the bundle")
+    runtime.load(folder, threads=1)
+    (folder / "chat_template.jinja").write_text("{{ messages[0].content }}")
+    listed = json.loads((folder / MANIFEST).read_text())["files"]
+    assert "chat_template.jinja" not in listed
+    with pytest.raises(BundleError, match="holds chat_template.jinja, which its manifest does not list") as info:
+        runtime.load(folder, threads=1)
+    assert "remove the file(s), or re-export" in str(info.value)
+
+
+def test_atomic_folder_refuses_a_mount_point(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "sdcard"
+    target.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == target)
+    with pytest.raises(BundleError, match="is a mount point") as info:
+        AtomicFolder(target).check_target()
+    assert "sdcard/bundle" in info.value.fix
+
+
+def test_a_failed_final_rename_keeps_the_finished_bundle_and_the_old_one(int4_bundle: Path, bundle_copy,
+                                                                        monkeypatch) -> None:
+    out = bundle_copy(int4_bundle)
+    before = sorted(p.name for p in out.iterdir())
+    real = os.replace
+
+    def busy(src, dst):
+        if Path(dst) == out.resolve() and ".partial-" in Path(src).name:  # the new bundle cannot move in
+            raise OSError(16, "Device or resource busy")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(BundleError, match="could not be moved to .*Device or resource busy.*it is complete in"):
+        with AtomicFolder(out, force=True) as tmp:
+            (tmp / "model.onnx").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == before  # the previous bundle is back in place
+    assert (tmp / "model.onnx").read_text() == "new"  # and the new one is kept where the error says
+
+
 def test_not_a_bundle_folder(tmp_path: Path) -> None:
     (tmp_path / "model.onnx").write_bytes(b"")
     with pytest.raises(BundleError, match=r"is not an edgeqwen bundle \(no edgeqwen.json\)"):

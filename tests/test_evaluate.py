@@ -104,3 +104,12 @@ def test_cli_eval_errors(fp32_bundles, tmp_path, capsys):
     one.write_text("a", encoding="utf-8")
     assert cli.main(["eval", "perplexity", bundle, "--text", str(one)]) == 2
     assert "perplexity needs at least 2" in capsys.readouterr().err
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 4, encoding="utf-8")
+    for n in ("0", "-5", "1"):
+        assert cli.main(["eval", "perplexity", bundle, "--text", str(text), "--max-tokens", n]) == 2
+        assert f"max_tokens must be an integer of at least 2 (tokens to score), got {n}" in capsys.readouterr().err
+    assert cli.main(["eval", "perplexity", bundle, "--text", str(text), "--stride", "0"]) == 2
+    assert "stride=0 must be between 1 and the context" in capsys.readouterr().err
+    assert cli.main(["eval", "agreement", bundle, "--reference", "x", "--context", "64"]) == 2
+    assert "--context and --stride apply to `eval perplexity`" in capsys.readouterr().err

@@ -42,6 +42,31 @@ def test_bad_precision_override_names_the_allowed_values(tmp_path: Path, qwen2_t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_block_size_that_does_not_divide_the_weights_is_refused_before_the_graph(tmp_path: Path,
+                                                                                  qwen2_tied: Path, allow_tiny,
+                                                                                  no_graph_build) -> None:
+    """The tiny model's hidden size is 64: block 128 would leave every weight but the down projections float."""
+    with pytest.raises(ExportError, match=r"Block size 128 does not divide the model's hidden size 64, attention "
+                                          r"width 64, so the weights of that input width would stay float") as info:
+        export(str(qwen2_tied), "host", tmp_path / "out", block_size=128, progress=False)
+    assert "pass --block-size 64 or smaller" in info.value.fix
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("algo", ["rtn", "hqq"])
+def test_smoothing_with_an_algorithm_that_cannot_apply_it_is_refused(tmp_path: Path, qwen2_tied: Path,
+                                                                    no_graph_build, algo: str) -> None:
+    with pytest.raises(ExportError, match=rf"smooth_alpha=0.5 needs calibration statistics.*with '{algo}' it "
+                                          "would be ignored"):
+        export(str(qwen2_tied), "host", tmp_path / "out", quant_algo=algo, smooth_alpha=0.5, progress=False)
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True])
+def test_bad_export_threads_are_refused_first(tmp_path: Path, qwen2_tied: Path, no_graph_build, threads) -> None:
+    with pytest.raises(ExportError, match=rf"threads must be a positive integer, got {threads!r}"):
+        export(str(qwen2_tied), "host", tmp_path / "out", threads=threads, progress=False)
+
+
 def test_portable_options_are_checked_before_touching_the_source(tmp_path: Path, no_graph_build) -> None:
     # the source does not exist: reaching source resolution would raise SourceError instead
     with pytest.raises(ExportError, match="portable int8 quantizer is per-channel round-to-nearest") as info:
@@ -132,3 +157,28 @@ def test_every_profile_algorithm_exports_the_tiny_model(tmp_path: Path, qwen2_un
     body = {"rtn": "rtn", "k_quant": "k_quant+imatrix", "hqq": "hqq", "gptq": "gptq"}[algo]
     assert f"{body}/4bit" in hows, hows
     assert result.manifest.profile["quant_algo"] == algo
+
+
+def test_sigterm_mid_export_removes_the_temporary_folders(tmp_path: Path, qwen2_tied: Path) -> None:
+    """`timeout`, `docker stop` or a cancelled CI job: the export unwinds as on Ctrl-C, leaving nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scratch, out = tmp_path / "tmp", tmp_path / "out" / "bundle"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch), EDGEQWEN_ALLOW_ANY_SIZE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeqwen.cli", "export", str(qwen2_tied), "-o", str(out),
+                             "--no-verify"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not any(scratch.glob("edgeqwen-graph-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]  # still building when the signal comes
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert not any(scratch.iterdir()), sorted(p.name for p in scratch.iterdir())
+    assert not out.exists()
+    assert not out.parent.exists() or not any(out.parent.iterdir())  # no .bundle.partial-* either

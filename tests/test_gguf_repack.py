@@ -398,3 +398,49 @@ def test_four_bit_copies_names_the_weights_smoothing_must_leave_alone(gguf_file)
     up = "model.layers.0.mlp.up_proj.MatMul.weight"
     down = "model.layers.0.mlp.down_proj.MatMul.weight"
     assert four_bit_copies(path, [QKV, O_PROJ, up, down, "model.layers.7.attn.qkv_proj.MatMul.weight"]) == {O_PROJ, up}
+
+
+def _qwen2_gguf(path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    """A one-layer qwen2 GGUF with a 64-token vocabulary and only the tensors given."""
+    writer = GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(1)
+    writer.add_embedding_length(256)
+    writer.add_feed_forward_length(512)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(512)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list([chr(ord("a") + i % 26) * (1 + i // 26) for i in range(64)])
+    writer.add_token_types([1] * 64)
+    writer.add_token_merges([])
+    writer.add_eos_token_id(1)
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("tensors, words", [
+    # the embedding's shape disagrees with the vocabulary: transformers raises
+    ({"token_embd.weight": np.zeros((32, 256), np.float32)}, r"transformers could not load tiny\.gguf: RuntimeError"),
+    # shapes fine, but the layer's weights are absent: transformers would fill them with random values
+    ({"token_embd.weight": np.zeros((64, 256), np.float32), "output_norm.weight": np.ones(256, np.float32)},
+     r"tiny\.gguf lacks \d+ weight tensor\(s\) the model needs, e\.g\. model\.layers\.0\."),
+])
+def test_a_gguf_that_does_not_load_whole_is_a_source_error(tmp_path: Path, monkeypatch, tensors, words) -> None:
+    from edgeqwen.errors import SourceError
+    from edgeqwen.export.sources import resolve_source
+
+    monkeypatch.setenv("EDGEQWEN_ALLOW_ANY_SIZE", "1")
+    monkeypatch.setenv("EDGEQWEN_HOME", str(tmp_path / "home"))
+    path = _qwen2_gguf(tmp_path / "tiny.gguf", tensors)
+    with pytest.raises(SourceError, match=words) as info:
+        resolve_source(str(path), progress=False)
+    assert "Hugging Face folder" in info.value.fix
+    assert not any((tmp_path / "home").rglob(".tmp-*"))  # the half-converted folder is gone

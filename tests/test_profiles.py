@@ -149,6 +149,8 @@ def test_unknown_key_names_it_and_lists_allowed(tmp_path):
     ("block_size", 48, ["16", "32", "64", "128", "256"]),
     ("block_size_8bit", 100, ["16", "32", "64", "128", "256"]),
     ("providers", ["tpu"], ["cpu", "cuda", "qnn"]),
+    ("providers", [["cpu"]], ["cpu", "cuda", "qnn"]),
+    ("providers", [{"a": 1}], ["cpu", "cuda", "qnn"]),
     ("context", 100, ["256", "131072"]),
     ("accuracy_level", 7, ["0", "4"]),
     ("exact_accuracy_level", -1, ["0", "4"]),
@@ -236,6 +238,10 @@ def test_bad_toml_and_missing_file(tmp_path):
         load_profile(str(write(tmp_path, "name = \n")))
     with pytest.raises(ProfileError, match="does not exist"):
         load_profile(str(tmp_path / "nope.toml"))
+    notepad = tmp_path / "mine.toml"
+    notepad.write_text('name = "mine"\n', encoding="utf-16")
+    with pytest.raises(ProfileError, match=r"mine.toml is not UTF-8 text .* save it as UTF-8"):
+        load_profile(str(notepad))
 
 
 def test_unknown_profile_name_lists_available():

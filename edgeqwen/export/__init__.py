@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from .. import __version__
 from ..bundle import FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, ModelSpec, write_manifest
 from ..errors import ExportError, VerificationError
-from ..profiles import MEASURED, Profile, check_memory_budget, kv_cache_bytes, load_profile
+from ..profiles import BLOCK_SIZES, MEASURED, Profile, check_memory_budget, kv_cache_bytes, load_profile
 
 __all__ = ["export", "ExportResult"]
 
@@ -194,6 +194,13 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
                               vocab_bits=vocab_bits, smooth_alpha=smooth_alpha, accuracy_level=accuracy_level,
                               exact_accuracy_level=accuracy_level,  # one flag: the level of whatever is exported
                               accuracy_levels=accuracy_levels)
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ExportError(f"threads must be a positive integer, got {threads!r}.",
+                          "pass e.g. --threads 4, or leave it out to use every core.")
+    if smooth_alpha and profile.quant_algo not in ("k_quant", "gptq"):
+        raise ExportError(f"smooth_alpha={smooth_alpha} needs calibration statistics, which only the k_quant and "
+                          f"gptq algorithms gather; with {profile.quant_algo!r} it would be ignored.",
+                          "drop --smooth-alpha, or pass --quant-algo gptq (or k_quant).")
     target = AtomicFolder(out, force=force)
     target.check_target()  # fail on a bad -o before any heavy work
     if profile.backend == "portable":
@@ -219,6 +226,8 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
                                  src.config["num_attention_heads"], ctx, 2 if profile.io_dtype == "fp16" else 4)
         weights = estimate_weight_bytes(src.config, profile.precision, _eight_bit(profile, src))
         check_memory_budget(profile, weights, spec_kv, context=ctx)
+        if profile.backend == "fast" and profile.precision in ("int4", "int8"):
+            check_block_size(profile.block_size, src.config)
 
     work = Path(tempfile.mkdtemp(prefix="edgeqwen-graph-"))
     try:
@@ -233,7 +242,8 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
         with target as tmp:
             how = "weight-only, per channel" if portable else f"{profile.quant_algo}, block {profile.block_size}"
             with stages.stage("quantize", f"Quantizing to {profile.precision} ({how})"):
-                quant = (_quantize_portable if portable else _quantize)(build.folder, tmp, profile, src, stages)
+                quant = (_quantize_portable(build.folder, tmp, profile, src, stages) if portable else
+                         _quantize(build.folder, tmp, profile, src, stages, threads=threads))
             _copy_tokenizer_files(src.hf_dir, tmp)
             generation = json.loads((tmp / "generation_config.json").read_text()) if (
                 tmp / "generation_config.json").is_file() else {}
@@ -320,7 +330,25 @@ def _float_activations_on_cpu(profile: Profile) -> bool:
     return profile.backend == "fast" and profile.providers[0] == "cpu" and any(v in (0, 1) for v in levels)
 
 
-def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) -> dict:
+def check_block_size(block: int, config: dict) -> None:
+    """Every weight's input width must be whole blocks: the quantizer leaves a weight that is not in float.
+
+    The 0.5B's hidden size is 896 = 7 x 128, so ``--block-size 256`` would keep q/k/v, gate/up and the
+    vocabulary matrix float (a 2 GB "int4" bundle) while the down projections (4864 = 19 x 256) quantize.
+    """
+    heads = config["num_attention_heads"]
+    widths = {"hidden size": config["hidden_size"], "intermediate size": config["intermediate_size"],
+              "attention width": heads * (config.get("head_dim") or config["hidden_size"] // heads)}
+    bad = {k: v for k, v in widths.items() if v % block}
+    if bad:
+        fits = [b for b in BLOCK_SIZES if all(v % b == 0 for v in widths.values())]
+        raise ExportError(f"Block size {block} does not divide the model's {', '.join(f'{k} {v}' for k, v in bad.items())}, "
+                          "so the weights of that input width would stay float.",
+                          f"pass --block-size {max(fits)} or smaller (or leave it out for the profile's)."
+                          if fits else "use the portable backend (per-channel int8) for this model.")
+
+
+def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages, *, threads: int | None = None) -> dict:
     import onnx
 
     from .quantize import (
@@ -356,7 +384,8 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages) ->
 
         gptq_layers = ("mlp.", "attn.") if plan.algo == "gptq" else ()
         maxima: dict = {}
-        importance, hessians = input_statistics(src.hf_dir, hessian_for=gptq_layers, maxima=maxima)
+        importance, hessians = input_statistics(src.hf_dir, hessian_for=gptq_layers, maxima=maxima,
+                                                threads=threads)
         if _smooths(plan, src):
             # only q/k/v weights refit at 8 bits: exact GGUF copies and 4-bit fits are left as they were
             exact: set[str] = set()

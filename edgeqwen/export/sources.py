@@ -470,10 +470,24 @@ def _convert(gguf_path: Path, sha256: str, entry: ModelEntry | None, *, progress
         if not progress:
             transformers.utils.logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
             )
+            # transformers fills weights the file lacks with random values and only logs it: an export of that
+            # would verify against the same broken float model and pass
+            missing = sorted(set(loading.get("missing_keys", ())) - (
+                {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()))
+            if missing:
+                raise SourceError(f"{gguf_path.name} lacks {len(missing)} weight tensor(s) the model needs, e.g. "
+                                  f"{', '.join(missing[:3])}.", "the file is incomplete or not a full Qwen "
+                                  "checkpoint: fetch it again, or export from the model's Hugging Face folder.")
             tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        except (ValueError, KeyError, TypeError, NotImplementedError, OSError, RuntimeError) as e:
+            # an unsupported tensor type, a truncated file, a tokenizer the loader cannot rebuild ...
+            raise SourceError(f"transformers could not load {gguf_path.name}: {type(e).__name__}: "
+                              f"{str(e).strip()[:300]}",
+                              "check the file is a complete Qwen GGUF (its sha256 against the publisher's), "
+                              "or export from the model's Hugging Face folder instead.") from e
         finally:
             if bars_were_on and not progress:
                 transformers.utils.logging.enable_progress_bar()
