@@ -201,6 +201,10 @@ def cmd_chat(args) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
+        except UnicodeDecodeError:
+            print("(that line is not UTF-8 text; ignored)", file=sys.stderr)
+            continue
+        line = line.encode("utf-8", "replace").decode("utf-8")  # undecodable bytes kept as escapes -> '?'
         command = line.strip()
         if not command:
             continue
@@ -348,8 +352,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s edgeqwen.serve %(message)s")
     for name, value in (("--port", args.port), ("--max-queue", args.max_queue), ("--max-tokens", args.max_tokens),
                         ("--max-prompt-tokens", args.max_prompt_tokens), ("--max-body-bytes", args.max_body_bytes)):
-        if value is not None and value < (0 if name == "--port" else 1):
-            raise GenerationError(f"{name} must be {'>= 0' if name == '--port' else 'a positive integer'}, "
+        if value is not None and (value < (0 if name == "--port" else 1) or (name == "--port" and value > 65535)):
+            raise GenerationError(f"{name} must be {'in 0..65535' if name == '--port' else 'a positive integer'}, "
                                   f"got {value}.", f"pass a valid {name}.")
     return serve(args.bundle, provider=args.provider, threads=args.threads, context=args.context,
                  shutdown_timeout=args.shutdown_timeout, host=args.host, port=args.port, api_key=args.api_key,

@@ -14,12 +14,19 @@ from edgeqwen import runtime
 
 bundle, path = sys.argv[1], Path(sys.argv[2])
 task = " ".join(sys.argv[3:]) or "Add type hints and a one-line docstring to every function."
-source = path.read_text()[:6000]  # a small model's answer quality drops on long files; keep the demo short
+model = runtime.load(bundle)
+# the answer repeats the file, so give it as many tokens as the file has, and keep both inside the context
+# (2,048 tokens on the rpi4 and android-arm64 profiles); a small model also edits short files better
+budget = min(1500, (model.context - 128) // 2)
+source_ids = model.encode(path.read_text(encoding="utf-8"))
+source = model.decode(source_ids[:budget])
+if len(source_ids) > budget:
+    print(f"[file cut to its first {budget} of {len(source_ids)} tokens]", file=sys.stderr)
+new_tokens = min(1024, model.context - budget - 128)
 messages = [{"role": "user", "content": f"{task} Reply with the whole file in one code block.\n\n"
              f"```python\n{source}\n```"}]
-model = runtime.load(bundle)
-plain = model.generate(messages, max_new_tokens=1024, temperature=0, lookup=0)
-for piece in model.stream(messages, max_new_tokens=1024, temperature=0):  # lookup on (the default)
+plain = model.generate(messages, max_new_tokens=new_tokens, temperature=0, lookup=0)
+for piece in model.stream(messages, max_new_tokens=new_tokens, temperature=0):  # lookup on (the default)
     print(piece, end="", flush=True)
 print()
 fast = model.last_result.stats

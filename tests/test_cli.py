@@ -62,6 +62,32 @@ def test_chat_survives_an_error_and_ctrl_c(monkeypatch, capsys, fp32_bundles) ->
     assert err.count("decode") == 1  # the third turn answered and /stats reports it
 
 
+def test_chat_survives_input_that_is_not_utf8(monkeypatch, capsys, fp32_bundles) -> None:
+    """A Latin-1 byte on a UTF-8 terminal (input() raises), or kept as an escape in a C locale (a surrogate)."""
+    lines = iter(["caf\udce9 au lait", None, "/stats"])
+
+    def fake_input(prompt: str = "") -> str:
+        try:
+            line = next(lines)
+        except StopIteration:
+            raise EOFError from None
+        if line is None:
+            raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+        return line
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    code = cli.main(["chat", str(fp32_bundles["qwen3"]), "--threads", "1", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "(that line is not UTF-8 text; ignored)" in err
+    assert err.count("decode") == 1  # the first line was answered (with '?' for the stray byte)
+
+
+def test_serve_refuses_a_port_above_65535(capsys, fp32_bundles) -> None:
+    assert cli.main(["serve", str(fp32_bundles["qwen3"]), "--port", "70000"]) == 2
+    assert "--port must be in 0..65535, got 70000" in capsys.readouterr().err
+
+
 def test_reply_printer_shows_thinking_apart_from_the_answer(capsys) -> None:
     printer = cli._ReplyPrinter(thinking_open=False, show_thinking=True)
     for piece in ["<th", "ink>\nweigh", " it</thi", "nk>\n\nThe answer", " is 4."]:

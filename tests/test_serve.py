@@ -165,6 +165,11 @@ def test_eight_concurrent_clients_get_their_single_request_answers(server, model
     ('{"messages": [{"role": "user", "content": "hi"}], "seed": -1}', 400, "seed", "seed"),
     ('{"messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}', 400, "stop", "at most 4"),
     ('{"messages": [{"role": "user", "content": "hi"}], "n": 2}', 400, "n", "n=1"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": Infinity}', 400,
+     "repetition_penalty", "must be a number, got Infinity"),
+    ('{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "temperature", "got NaN"),
+    ('{"messages": [{"role": "user", "content": "a \\ud800 b"}]}', 400, None, "The text is not valid Unicode"),
+    ("[" * 5000, 400, None, "nests JSON too deeply"),
     ('{"messages": [{"role": "user", "content": "hi"}], "logprobs": true}', 400, "logprobs", "not supported"),
     ('{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400, "tool_choice", "tools"),
     (('{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": '
@@ -423,6 +428,52 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot():
         text = metrics.getresponse().read().decode()
         assert "edgeqwen_cancelled_total 1" in text
         assert 'edgeqwen_requests_total{endpoint="/v1/chat/completions",status="200"} 2' in text
+    finally:
+        stop(srv, timeout=5)
+
+
+def test_disconnect_mid_answer_cancels_even_while_tokens_flow():
+    """A non-streamed answer (nothing written until the end) on a model faster than the idle poll."""
+    fake = FakeModel([], delay=0.01)  # 100 tok/s: the event queue is never idle for a whole poll
+    srv = fake_server(fake, max_tokens=400)
+    try:
+        host, port = srv.server_address[:2]
+        body = json.dumps({"messages": MSG, "max_tokens": 400}).encode()
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.5)
+        sock.close()
+        t0 = time.monotonic()
+        r = client(srv).chat.completions.create(model="fake", messages=MSG, max_tokens=2)
+        assert r.choices[0].message.content == "xx"
+        assert time.monotonic() - t0 < 2.0  # not after the abandoned 4 s answer
+        assert fake.emitted < 150
+    finally:
+        stop(srv, timeout=5)
+
+
+@pytest.mark.parametrize("length", ["-5", "-1", "ten"])
+def test_a_bad_content_length_is_a_400(length):
+    srv = fake_server(FakeModel(["hi"]))
+    try:
+        host, port = srv.server_address[:2]
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + length.encode() + b"\r\n\r\n{}")
+            reply = sock.makefile("rb").read().decode()
+        assert reply.startswith("HTTP/1.1 400") and f"Content-Length '{length}' is not a byte count" in reply
+    finally:
+        stop(srv, timeout=5)
+
+
+def test_null_n_and_best_of_are_the_default():
+    srv = fake_server(FakeModel(["hi"]))
+    try:
+        status, _, data = post(srv, "/v1/chat/completions", json.dumps({"messages": MSG, "n": None}))
+        assert status == 200 and data["choices"][0]["message"]["content"] == "hi"
+        status, _, data = post(srv, "/v1/completions", json.dumps({"prompt": "x", "best_of": None}))
+        assert status == 200, data
     finally:
         stop(srv, timeout=5)
 

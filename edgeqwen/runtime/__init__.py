@@ -100,7 +100,11 @@ class Model:
 
     # -- text <-> tokens ------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        except TypeError as e:  # tokenizers refuses str holding a lone UTF-16 surrogate (e.g. "\ud800" from JSON)
+            raise GenerationError(f"The text is not valid Unicode ({e}).",
+                                  "send UTF-8 text; a lone surrogate such as \\ud800 cannot be tokenized.") from e
 
     def decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=True)

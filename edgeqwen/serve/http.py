@@ -77,7 +77,7 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def _send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
+        data = json.dumps(body).encode()  # ASCII escapes: a lone surrogate echoed from a request cannot break it
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -115,8 +115,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             size = int(length) if length is not None else 0
         except ValueError:
+            size = -1
+        if size < 0:
             self.close_connection = True
-            raise APIError(400, f"Content-Length {length!r} is not a number.") from None
+            raise APIError(400, f"Content-Length {length!r} is not a byte count.") from None
         if size > self.server.config.max_body_bytes:
             self.close_connection = True  # the body stays unread; the connection cannot be reused
             raise APIError(413, f"The request body has {size} bytes; this server accepts at most "
@@ -126,6 +128,8 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"The request body is not valid JSON: {e}.", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "The request body nests JSON too deeply.", code="invalid_json") from None
 
     # -- routing ----------------------------------------------------------------------------------------------
     def do_GET(self) -> None:
@@ -176,13 +180,18 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self._send_error(e)
             return
+        except Exception as e:  # e.g. text the tokenizer refuses (a lone UTF-16 surrogate): still an answer
+            log.warning("request refused: %s: %s", type(e).__name__, e)
+            self._send_error(APIError(400, f"The request could not be prepared: {type(e).__name__}: {e}",
+                                      code="invalid_request"))
+            return
         self.server.track(+1)
         try:
             if req.stream:
                 self._stream(job)
             else:
                 self._complete(job)
-        except (BrokenPipeError, ConnectionResetError):  # the client left while we wrote
+        except OSError:  # the client left while we wrote, or stopped reading until the socket timed out
             self.server.scheduler.cancel(job)
             self.close_connection = True
         finally:
@@ -196,10 +205,16 @@ class Handler(BaseHTTPRequestHandler):
     def _events(self, job: Job):
         """Yield the job's events; cancel it if the client disconnects or the request times out."""
         deadline = time.monotonic() + self.server.config.request_timeout_s
+        next_check = time.monotonic() + POLL_S
         while True:
             try:
                 kind, value = job.events.get(timeout=POLL_S)
             except queue.Empty:
+                kind = None
+            # checked on a timer, not only when the queue is idle: tokens arriving faster than POLL_S (or
+            # held back by the reply splitter) must not hide a client that left
+            if kind is None or time.monotonic() >= next_check:
+                next_check = time.monotonic() + POLL_S
                 if self._client_gone():
                     self.server.scheduler.cancel(job)
                     raise ConnectionResetError("client disconnected") from None
@@ -207,6 +222,7 @@ class Handler(BaseHTTPRequestHandler):
                     self.server.scheduler.cancel(job)
                     raise APIError(504, "The request did not finish within the server's timeout.",
                                    type="server_error", code="timeout") from None
+            if kind is None:
                 continue
             yield kind, value
             if kind in ("done", "error", "cancelled"):

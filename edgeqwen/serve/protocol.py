@@ -8,6 +8,7 @@ already checked, so the single generation thread never sees bad input.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -76,7 +77,7 @@ def _number(body: dict, name: str, lo: float | None, hi: float | None, *, lo_ope
     if value is None:
         return None
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else Real):
+    if isinstance(value, bool) or not isinstance(value, int if integer else Real) or not math.isfinite(value):
         raise bad(name, f"'{name}' must be {kind}, got {json.dumps(value)[:40]}.", "invalid_type")
     low_ok = lo is None or (value > lo if lo_open else value >= lo)
     if not low_ok or (hi is not None and value > hi):
@@ -115,7 +116,7 @@ def _stop(body: dict) -> list[str]:
 
 def _unsupported(body: dict) -> None:
     """Refuse, by name, features that would otherwise be silently ignored and give a wrong answer."""
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise bad("n", "Only n=1 is supported (one generation session per server).", "unsupported")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
         raise bad("logprobs", "logprobs are not supported by this server.", "unsupported")
@@ -123,7 +124,7 @@ def _unsupported(body: dict) -> None:
         raise bad("logit_bias", "logit_bias is not supported by this server.", "unsupported")
     if body.get("echo"):
         raise bad("echo", "echo is not supported by this server.", "unsupported")
-    if body.get("best_of", 1) != 1:
+    if body.get("best_of") not in (None, 1):
         raise bad("best_of", "Only best_of=1 is supported.", "unsupported")
     if body.get("suffix"):
         raise bad("suffix", "suffix (fill-in-the-middle) is not supported.", "unsupported")
