@@ -400,15 +400,20 @@ def test_full_queue_answers_429_with_retry_after():
         stop(srv, timeout=5)
 
 
+def raw_post(srv, body: bytes, length: bytes | None = None) -> socket.socket:
+    """A chat request written by hand on a socket the test controls (close it, or send a bad length)."""
+    sock = socket.create_connection(srv.server_address[:2], timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + (length or str(len(body)).encode()) + b"\r\n\r\n" + body)
+    return sock
+
+
 def test_disconnect_mid_stream_cancels_and_frees_the_slot():
     fake = FakeModel([], delay=0.02)  # "x" per token until max_new_tokens: 200 tokens take 4 s
     srv = fake_server(fake, max_tokens=200)
     try:
         host, port = srv.server_address[:2]
-        body = json.dumps({"messages": MSG, "stream": True, "max_tokens": 200}).encode()
-        sock = socket.create_connection((host, port), timeout=10)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = raw_post(srv, json.dumps({"messages": MSG, "stream": True, "max_tokens": 200}).encode())
         reader = sock.makefile("rb")
         assert reader.readline().startswith(b"HTTP/1.1 200")
         while reader.readline().strip():  # headers
@@ -437,11 +442,7 @@ def test_disconnect_mid_answer_cancels_even_while_tokens_flow():
     fake = FakeModel([], delay=0.01)  # 100 tok/s: the event queue is never idle for a whole poll
     srv = fake_server(fake, max_tokens=400)
     try:
-        host, port = srv.server_address[:2]
-        body = json.dumps({"messages": MSG, "max_tokens": 400}).encode()
-        sock = socket.create_connection((host, port), timeout=10)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock = raw_post(srv, json.dumps({"messages": MSG, "max_tokens": 400}).encode())
         time.sleep(0.5)
         sock.close()
         t0 = time.monotonic()
@@ -457,10 +458,7 @@ def test_disconnect_mid_answer_cancels_even_while_tokens_flow():
 def test_a_bad_content_length_is_a_400(length):
     srv = fake_server(FakeModel(["hi"]))
     try:
-        host, port = srv.server_address[:2]
-        with socket.create_connection((host, port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: " + length.encode() + b"\r\n\r\n{}")
+        with raw_post(srv, b"{}", length.encode()) as sock:
             reply = sock.makefile("rb").read().decode()
         assert reply.startswith("HTTP/1.1 400") and f"Content-Length '{length}' is not a byte count" in reply
     finally:
