@@ -1,7 +1,8 @@
 """The bundle: the one contract between the export half and the runtime half.
 
 A bundle is a folder holding ``model.onnx`` (+ ``model.onnx.data``), the tokenizer, generation defaults, a
-``genai_config.json`` (so onnxruntime-genai runs the same folder) and our manifest ``edgeqwen.json``. The
+``genai_config.json`` and ``model.genai.onnx`` (fast bundles: so onnxruntime-genai runs the same folder and
+weights) and our manifest ``edgeqwen.json``. The
 manifest records everything the runtime needs to drive the graph without reading it (I/O names, KV layout,
 context length), where it came from (source + sha256, profile, tool versions) and the sha256 of every file,
 checked on load so a truncated copy to an SD card fails loudly instead of producing garbage.

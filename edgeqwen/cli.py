@@ -363,8 +363,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
-    p.add_argument("--provider", default="auto", help="auto | cpu | cuda | dml | coreml (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the profile's)")
+    p.add_argument("--provider", default="auto",
+                   help="auto | cpu | cuda | dml | coreml | webgpu | xnnpack | nnapi | qnn (default: auto, the "
+                        "bundle profile's first provider this onnxruntime build has)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: one per physical core, capped by the profile's threads)")
     p.add_argument("--context", type=int, default=None, help="max context tokens (<= the bundle's)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -477,8 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the bundle's source)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let queued requests finish before cancelling them")
-    p.add_argument("--provider", default="auto", help="auto | cpu | cuda | dml | coreml (default: auto)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the profile's)")
+    p.add_argument("--provider", default="auto",
+                   help="auto | cpu | cuda | dml | coreml | webgpu | xnnpack | nnapi | qnn (default: auto, the "
+                        "bundle profile's first provider this onnxruntime build has)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads (default: one per physical core, capped by the profile's threads)")
     p.add_argument("--context", type=int, default=None, help="max context tokens (<= the bundle's)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)

@@ -585,7 +585,8 @@ def check_memory_budget(profile: Profile, weight_bytes: int, kv_bytes: int, over
     elif profile.backend == "portable" and profile.precision != "int8":
         fixes.append(f"--precision int8 (now {profile.precision}; portable graphs cannot hold int4)")
     elif profile.backend == "portable":
-        fixes.append("--backend fast --precision int4 if the device's provider runs contrib ops")
+        fixes.append("a fast-backend profile (e.g. --device rpi5) with --precision int4 if the device's provider "
+                     "runs onnxruntime's contrib ops")
     fixes.append("a smaller model (e.g. 0.5B instead of 1.5B/3B)")
     fixes.append("or, if the device really has more free RAM, a custom profile with a larger ram_budget_mb")
     raise ProfileError(

@@ -4,7 +4,9 @@ Usage: python code_edit.py BUNDLE FILE.py ["what to change"]
 
 An edit's answer mostly repeats the file, so the runtime's prompt lookup (on by default) drafts those
 tokens from the prompt and checks several per step. The script answers twice, with lookup off and on, and
-prints both speeds: the text is the same (greedy), the second is faster. Needs only `pip install edgeqwen`
+prints both speeds: greedy, so the text is usually the same (int4 bundles round a multi-token run slightly
+differently at near-ties), and the second is faster where lookup is on by default (fast int4 bundles; int8,
+"faithful" and portable bundles leave it off, so there both runs are alike). Needs only `pip install edgeqwen`
 and a bundle folder made by `edgeqwen export`.
 """
 import sys

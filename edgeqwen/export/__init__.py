@@ -215,7 +215,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     elif profile.precision in ("int4", "int8") and profile.quant_algo not in QUANTIZER_ALGOS:
         raise ExportError(f"The quantization algorithm {profile.quant_algo!r} (profile {profile.name!r}) is not "
                           f"implemented by this version's quantizer, which knows {', '.join(QUANTIZER_ALGOS)}.",
-                          "pass --quant-algo k_quant (the default) or rtn.")
+                          f"pass --quant-algo {' or '.join(QUANTIZER_ALGOS)} (the profiles' default is gptq).")
     stages = _Stages(progress, total=5 if verify else 4)
 
     with stages.stage("source", f"Resolving model source {model!r}"):

@@ -5,8 +5,8 @@ Two figures, both against the float source run by transformers (the reference):
   reference's, position by position (what greedy decoding feels);
 - perplexity ratio on the same texts: exp(mean NLL of the bundle) / exp(mean NLL of the reference).
 
-The bundle is driven through edgeqwen's own runtime, one token at a time (its lm_head is pruned to the last
-position, and decode is the path users run), so verification also exercises the KV-cache loop.
+The bundle is driven through edgeqwen's own runtime, one token a step (``decode_one``: the path users run,
+one logits row each), so verification also exercises the KV-cache loop.
 """
 
 from __future__ import annotations
