@@ -408,6 +408,14 @@ def raw_post(srv, body: bytes, length: bytes | None = None) -> socket.socket:
     return sock
 
 
+def answered_at_once(srv, within: float) -> None:
+    """The next request gets the generation slot (a fake model: "x" per token) within ``within`` seconds."""
+    t0 = time.monotonic()
+    r = client(srv).chat.completions.create(model="fake", messages=MSG, max_tokens=2)
+    assert r.choices[0].message.content == "xx"
+    assert time.monotonic() - t0 < within
+
+
 def test_disconnect_mid_stream_cancels_and_frees_the_slot():
     fake = FakeModel([], delay=0.02)  # "x" per token until max_new_tokens: 200 tokens take 4 s
     srv = fake_server(fake, max_tokens=200)
@@ -423,10 +431,7 @@ def test_disconnect_mid_stream_cancels_and_frees_the_slot():
             reader.readline()
         reader.close()
         sock.close()
-        t0 = time.monotonic()
-        r = client(srv).chat.completions.create(model="fake", messages=MSG, max_tokens=2)
-        assert r.choices[0].message.content == "xx"
-        assert time.monotonic() - t0 < 1.5  # not after the abandoned 4 s stream
+        answered_at_once(srv, within=1.5)  # not after the abandoned 4 s stream
         assert fake.emitted < 60
         metrics = http.client.HTTPConnection(host, port)
         metrics.request("GET", "/metrics")
@@ -445,10 +450,7 @@ def test_disconnect_mid_answer_cancels_even_while_tokens_flow():
         sock = raw_post(srv, json.dumps({"messages": MSG, "max_tokens": 400}).encode())
         time.sleep(0.5)
         sock.close()
-        t0 = time.monotonic()
-        r = client(srv).chat.completions.create(model="fake", messages=MSG, max_tokens=2)
-        assert r.choices[0].message.content == "xx"
-        assert time.monotonic() - t0 < 2.0  # not after the abandoned 4 s answer
+        answered_at_once(srv, within=2.0)  # not after the abandoned 4 s answer
         assert fake.emitted < 150
     finally:
         stop(srv, timeout=5)
