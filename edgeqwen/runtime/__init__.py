@@ -184,11 +184,10 @@ class Model:
         if truncate not in ("error", "left"):
             raise GenerationError(f"truncate must be 'error' or 'left', got {truncate!r}.",
                                   "use truncate='left' to drop the oldest prompt tokens.")
-        stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else stop
-        if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
+        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if not (isinstance(stops, (list, tuple)) and all(isinstance(s, str) and s for s in stops)):
             raise GenerationError(f"stop must be a non-empty string or a list of them, got {stop!r}.",
                                   "pass e.g. stop=['\\n\\n'].")
-        stops = stops or []
         if thinking is not None and not isinstance(thinking, bool):
             raise GenerationError(f"enable_thinking must be True, False or None, got {thinking!r}.",
                                   "pass enable_thinking=False to turn Qwen3's thinking off.")

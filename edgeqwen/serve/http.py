@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ..errors import EdgeQwenError
 from . import protocol as P
 from .protocol import APIError
 from .scheduler import Job, Scheduler
@@ -180,10 +181,13 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self._send_error(e)
             return
-        except Exception as e:  # e.g. text the tokenizer refuses (a lone UTF-16 surrogate): still an answer
-            log.warning("request refused: %s: %s", type(e).__name__, e)
-            self._send_error(APIError(400, f"The request could not be prepared: {type(e).__name__}: {e}",
-                                      code="invalid_request"))
+        except EdgeQwenError as e:  # e.g. text the tokenizer refuses (a lone UTF-16 surrogate)
+            self._send_error(APIError(400, str(e), code=type(e).__name__))
+            return
+        except Exception as e:  # a bug of ours: the client still gets an answer, the log the traceback
+            log.exception("request failed before generation")
+            self._send_error(APIError(500, f"The request could not be prepared: {type(e).__name__}: {e}",
+                                      type="server_error"))
             return
         self.server.track(+1)
         try:
