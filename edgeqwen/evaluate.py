@@ -131,7 +131,9 @@ class PerplexityResult:
 def perplexity(model, text: str, *, context: int | None = None, stride: int | None = None, reference=None,
                max_tokens: int | None = None, progress: Callable[[Iterable], Iterable] = lambda it: it
                ) -> PerplexityResult:
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 2):
+    from .runtime.session import is_count
+
+    if max_tokens is not None and not is_count(max_tokens, 2):
         raise GenerationError(f"max_tokens must be an integer of at least 2 (tokens to score), got {max_tokens!r}.",
                               "pass e.g. --max-tokens 512, or leave it out to score the whole text.")
     tokens = model.encode(text)[:max_tokens]

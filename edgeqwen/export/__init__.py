@@ -187,6 +187,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     precision (4: int8 activations, fast; 0: float activations, exact arithmetic, slower; ``halves.py``),
     ``accuracy_levels`` that level per layer type (``{"down_proj": 0}`` or ``"down_proj=0"``; profiles.LAYER_TYPES)."""
     from .graph import LOGITS_WINDOW, adjust_genai_config, build_fast_graph, build_portable_graph, write_genai_graph
+    from ..runtime.session import is_count
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,
@@ -194,7 +195,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
                               vocab_bits=vocab_bits, smooth_alpha=smooth_alpha, accuracy_level=accuracy_level,
                               exact_accuracy_level=accuracy_level,  # one flag: the level of whatever is exported
                               accuracy_levels=accuracy_levels)
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+    if threads is not None and not is_count(threads):
         raise ExportError(f"threads must be a positive integer, got {threads!r}.",
                           "pass e.g. --threads 4, or leave it out to use every core.")
     if smooth_alpha and profile.quant_algo not in ("k_quant", "gptq"):
