@@ -240,7 +240,9 @@ def test_bad_tools_rejected():
 
 
 def test_assistant_with_tool_calls_needs_no_content():
-    ChatTemplate(QWEN25).render([{"role": "assistant", "tool_calls": [{"name": "f", "arguments": {}}]}])
+    text = ChatTemplate(QWEN25).render([{"role": "assistant", "tool_calls": [{"name": "f", "arguments": {}}]}])
+    assert text.endswith('<|im_start|>assistant\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+                         '<|im_end|>\n<|im_start|>assistant\n')
 
 
 # --------------------------------------------------------------------------------------------------

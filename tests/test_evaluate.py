@@ -27,6 +27,18 @@ def test_windows_score_every_token_once_within_the_context(n, context, stride):
         assert w.end - w.start <= context and w.start < w.score_from <= w.end
 
 
+def test_windows_use_all_the_context_they_may():
+    """Pinned by hand: each window reaches back a full context (so the reference, which reuses windows(),
+    cannot share a bug that shortens them), and scores ``stride`` new tokens after the first."""
+    W = [(w.start, w.score_from, w.end) for w in windows(10, 4, 2)]
+    assert W == [(0, 1, 4), (2, 4, 6), (4, 6, 8), (6, 8, 10)]
+    assert [(w.start, w.score_from, w.end) for w in windows(7, 64, 32)] == [(0, 1, 7)]
+    # stride = context: the step is context - 1, so every window keeps one token of context
+    assert [(w.start, w.score_from, w.end) for w in windows(6, 3, 3)] == [(0, 1, 3), (2, 3, 5), (3, 5, 6)]
+    for n, context, stride in [(100, 16, 5), (100, 16, 16)]:
+        assert all(w.start == max(0, w.end - context) for w in windows(n, context, stride))
+
+
 @pytest.mark.parametrize("context,stride,pattern", [(1, 1, "context=1 is too small"),
                                                     (8, 0, "stride=0 must be between 1 and the context"),
                                                     (8, 9, "stride=9 must be between 1 and the context")])
@@ -76,8 +88,9 @@ def test_shorter_context_changes_perplexity(fp32_bundles):
 def test_agreement_of_a_quantized_bundle_is_below_one(int4_bundle, qwen2_untied):
     model = runtime.load(int4_bundle, threads=1)
     out = agreement(model, Reference(qwen2_untied, threads=1), {"a": TEXT}, max_tokens=120)
-    assert 0.3 < out["agreement"] < 1.0 and out["tokens"] == 119
-    assert out["texts"]["a"]["ratio"] > 1.0
+    # measured 56.3% / ratio 1.035 (a random tiny model: many near-ties); a broken int4 path scores far lower
+    assert 0.45 < out["agreement"] < 1.0 and out["tokens"] == 119
+    assert 1.0 < out["texts"]["a"]["ratio"] < 1.15
 
 
 def test_cli_eval_perplexity_json(fp32_bundles, qwen3, tmp_path, capsys, monkeypatch):

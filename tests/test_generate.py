@@ -10,6 +10,7 @@ import pytest
 
 from edgeqwen import runtime
 from edgeqwen.errors import ContextOverflowError, GenerationError, ProviderError
+from edgeqwen.runtime.chat import parse_reply
 from edgeqwen.runtime.generate import Engine, StopRule, decode_one, generate, prefill
 from edgeqwen.runtime.sampling import Sampler, SamplingParams
 
@@ -108,6 +109,7 @@ def test_multi_turn_prefix_reuse_equals_a_fresh_prefill(models, bundles) -> None
     chat = model.chat(system="You answer in short sentences.")
     turns = ["what is the weather today?", "and the code in python?", "你好，今天天气"]
     results = [chat.send(text, max_new_tokens=12) for text in turns]
+    assert all(len(r.tokens) >= 4 for r in results)  # real answers, not turns ended at once by an end token
     fresh = runtime.load(bundles["qwen2_untied"], threads=1)
     for k, result in enumerate(results):
         history = chat.messages[: 2 + 2 * k]  # system, then user/assistant pairs, ending with user turn k
@@ -195,8 +197,8 @@ def test_streamed_text_equals_generated_text(models, prompt: str) -> None:
     pieces = list(model.stream(PROMPTS[prompt], max_new_tokens=48))
     result = model.generate(PROMPTS[prompt], max_new_tokens=48)
     assert "".join(pieces) == result.text
-    assert len(pieces) > 1 and all(pieces)
-    assert result.text == model.decode(result.tokens)
+    assert len(pieces) > 1
+    assert result.text == model.tokenizer.decode(result.tokens, skip_special_tokens=True)  # one-shot decode
 
 
 def test_stop_token_ids_and_stop_strings(models) -> None:
@@ -264,8 +266,13 @@ def test_bad_options_name_the_option(models, options: dict, pattern: str) -> Non
 
 def test_a_single_stop_token_id_is_accepted(models) -> None:
     model = models["qwen2_untied"]
-    as_list = model.generate(PROMPTS["english"], max_new_tokens=12, stop_token_ids=[7])
-    assert model.generate(PROMPTS["english"], max_new_tokens=12, stop_token_ids=7).tokens == as_list.tokens
+    plain = model.generate(PROMPTS["english"], max_new_tokens=12, stop_token_ids=[]).tokens
+    assert len(plain) == 12
+    stop_id = plain[5]
+    cut = plain.index(stop_id)  # its first occurrence
+    for given in (stop_id, [stop_id]):
+        result = model.generate(PROMPTS["english"], max_new_tokens=12, stop_token_ids=given)
+        assert result.tokens == plain[:cut] and result.finish_reason == "stop"
 
 
 def test_bad_load_arguments_raise_generation_errors(bundles) -> None:
@@ -326,7 +333,8 @@ def test_conversation_history_matches_what_was_shown(models) -> None:
     shown = "".join(next(stream) for _ in range(4))
     stream.close()
     assert chat.messages[-1]["role"] == "assistant" and chat.last.finish_reason == "cancelled"
-    assert chat.messages[-1]["content"] == chat.last.text and shown.strip().startswith(chat.last.text[:5])
+    assert chat.last.text and chat.messages[-1]["content"] == chat.last.text
+    assert chat.last.text == parse_reply(shown).content  # what the user saw, thinking set apart as in the reply
     reply = chat.send("and again?", max_new_tokens=8, stop_token_ids=[])
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "user", "assistant"]
     assert reply.stats["reused_tokens"] > 0
@@ -380,15 +388,25 @@ def test_an_onnxruntime_failure_is_a_provider_error_and_the_cache_stays_usable(m
     assert model.generate(PROMPTS["english"], max_new_tokens=6, stop_token_ids=[]).tokens == want
 
 
-def test_stop_strings_that_are_special_tokens_stop_by_id(models) -> None:
+def test_stop_strings_that_are_special_tokens_stop_by_id(models, monkeypatch) -> None:
     """Decoded text skips special tokens, so a stop string such as '<|im_end|>' could never match as text."""
     model = models["qwen2_tied"]
     special = {t.content: i for i, t in model.tokenizer.get_added_tokens_decoder().items() if t.special}
     assert "<|im_end|>" in special
     assert model._special_stop_ids(["<|im_end|>", "\n\n", "hello"]) == {special["<|im_end|>"]}
-    plain = model.generate(PROMPTS["english"], max_new_tokens=4, stop_token_ids=[])
-    assert model.generate(PROMPTS["english"], max_new_tokens=4, stop="<|im_end|>", stop_token_ids=[]).tokens == \
-        plain.tokens  # the random model never picks it here
+    start = special["<|im_start|>"]
+    assert start not in model.eos_token_ids  # so only the stop string can put it in the stop rule
+    rules = []
+    real = runtime.generate
+
+    def spy(engine, ids, sampler, rule, *args, **kwargs):
+        rules.append(rule.stop_token_ids)
+        return real(engine, ids, sampler, rule, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "generate", spy)
+    model.generate(PROMPTS["english"], max_new_tokens=2, stop=["<|im_start|>", "\n\n"])
+    model.generate(PROMPTS["english"], max_new_tokens=2, stop="<|im_start")
+    assert start in rules[0] and start not in rules[1]
 
 
 def test_bad_prompts(models) -> None:
@@ -433,8 +451,13 @@ def test_quantized_bundles_generate_and_track_fp32(models, int4_bundle: Path, in
     model = runtime.load(bundle, threads=1)
     reference = models["qwen2_tied" if precision == "int4-tied" else "qwen2_untied"]
     cosines, same_top = logits_similarity(model, reference)
+    # floors a little under what the random tiny models measure (cosine mean / min: int4 0.93 / 0.83, tied
+    # int4 0.984 / 0.979, int8 and portable int8 >= 0.996 / 0.9965): the untied int4's 4-bit embedding of a
+    # random model is its worst case
     if precision.endswith("int8"):
         assert min(cosines) > 0.99 and all(same_top)
+    elif precision == "int4-tied":
+        assert np.mean(cosines) > 0.97 and min(cosines) > 0.95
     else:
         assert np.mean(cosines) > 0.9 and min(cosines) > 0.8
     result = model.generate(PROMPTS["chat"], max_new_tokens=16, stop_token_ids=[])

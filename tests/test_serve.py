@@ -255,11 +255,13 @@ class FakeModel:
         self.last_result: Result | None = None
         self.prompts: list[str] = []
         self.render_kwargs: list[dict] = []
+        self.rendered: list[list[dict]] = []  # the messages each request handed to the chat template
         self.emitted = 0
         self.folder, self.manifest = Path("fake"), None
 
     def render(self, messages, **kwargs) -> str:
         self.render_kwargs.append(kwargs)
+        self.rendered.append(messages)
         return "".join(f"<{m['role']}>{m.get('content') or ''}" for m in messages) + "<assistant>"
 
     def encode(self, text: str) -> list[int]:
@@ -343,6 +345,12 @@ def test_assistant_tool_calls_and_tool_results_reach_the_template():
         {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
     try:
         client(srv).chat.completions.create(model="fake", messages=history, tools=TOOLS)
+        sent = fake.rendered[-1]
+        call = sent[1]["tool_calls"][0]
+        assert sent[1]["role"] == "assistant" and call["function"]["name"] == "get_weather"
+        assert call["function"]["arguments"] == {"city": "Paris"}  # the JSON string decoded for the template
+        assert sent[2]["role"] == "tool" and sent[2]["content"] == "18 C"
+        assert "<tool>18 C" in fake.prompts[-1]
         got, _, data = post(srv, "/v1/chat/completions", json.dumps({"messages": [
             {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f",
                                                                                   "arguments": "{oops"}}]}]}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -335,12 +336,18 @@ def test_garbage_gguf_is_refused(home: Path) -> None:
         resolve_source(str(path), progress=False)
 
 
-@pytest.mark.parametrize("spec", ["certainly not a model", "a/b/c", "", "qwen2.5-coder-99b"])
-def test_garbage_spec_is_refused(spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("spec, words", [
+    ("certainly not a model", "'certainly not a model' is not a known alias, an existing .gguf file or folder"),
+    ("a/b/c", "'a/b/c' is not a known alias"),  # two slashes: not a hub id either
+    ("qwen2.5-coder-99b", "'qwen2.5-coder-99b' is not a known alias"),
+    ("", "no model given"),
+    ("missing.gguf", "GGUF file missing.gguf does not exist"),
+])
+def test_garbage_spec_is_refused(spec: str, words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SourceError) as info:
+    with pytest.raises(SourceError, match=re.escape(words)) as info:
         resolve_source(spec, progress=False)
-    assert DEFAULT_ALIAS in str(info.value)
+    assert DEFAULT_ALIAS in info.value.fix  # every refusal names the aliases a user can pass instead
 
 
 # ---------------------------------------------------------------------------------------------- e2e

@@ -143,7 +143,8 @@ def test_three_turn_prefix_reuse_matches_full_prefill(bundles, kind):
         fresh.reset()
         logits = prefill(fresh.engine, prompt + again.tokens[:k]).copy()
         margin = abs(float(logits[again.tokens[k]]) - float(logits[reused[k]]))
-        assert margin < 1.0, f"runs parted at token {k} with a logit margin of {margin:.2f}"
+        # each of the two logits moves by up to ~0.25 between the runs: a margin above 0.6 is a real difference
+        assert margin < 0.6, f"runs parted at token {k} with a logit margin of {margin:.2f}"
 
 
 CODE_TO_EDIT = '''def moving_average(values, window):
@@ -179,11 +180,12 @@ def test_prompt_lookup_speeds_up_a_code_edit_without_changing_the_greedy_answer(
     assert "def moving_average(" in drafted.text and "total -= values[i - window]" in drafted.text
     k = next((i for i, (a, b) in enumerate(zip(plain.tokens, drafted.tokens)) if a != b), None)
     if k is not None:
+        assert k >= 4, (plain.tokens, drafted.tokens)  # the code block's opening is never a near-tie
         prompt = model.prompt_tokens(messages)
         model.reset()
         logits = prefill(model.engine, prompt + plain.tokens[:k]).copy()
         margin = abs(float(logits[plain.tokens[k]]) - float(logits[drafted.tokens[k]]))
-        assert margin < 1.0, f"runs parted at token {k} with a logit margin of {margin:.2f}"
+        assert margin < 0.6, f"runs parted at token {k} with a logit margin of {margin:.2f}"
 
 
 def test_memory_follows_the_conversation(bundles):
