@@ -167,7 +167,22 @@ def _load(args):
     return runtime.load(args.bundle, provider=args.provider, threads=args.threads, context=args.context)
 
 
+def _read_prompt(prompt: str) -> str:
+    """The prompt argument, or standard input for '-' (e.g. `cat notes.txt | edgeqwen run BUNDLE -`)."""
+    if prompt != "-":
+        return prompt
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"Standard input is not UTF-8 text ({e.reason} at byte {e.start}).",
+                              "convert it to UTF-8, e.g. with iconv.") from e
+    if not text.strip():
+        raise GenerationError("The prompt read from standard input is empty.", "pipe some text into it.")
+    return text
+
+
 def cmd_run(args) -> int:
+    args.prompt = _read_prompt(args.prompt)  # before the model loads: a bad input costs nothing
     model = _load(args)
     options = _gen_options(args)
     if args.raw:
@@ -459,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="stream an answer to one prompt")
     _add_runtime_args(p)
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the prompt text, or '-' to read it from standard input")
     p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
     p.set_defaults(func=cmd_run)
 

@@ -109,6 +109,21 @@ def test_run_refuses_thinking_options_on_a_raw_prompt(capsys, fp32_bundles) -> N
     assert "enable_thinking only applies to chat messages" in capsys.readouterr().err
 
 
+def test_run_reads_the_prompt_from_stdin(fp32_bundles) -> None:
+    """`edgeqwen run BUNDLE -` answers what is piped in, the same as the prompt given as an argument."""
+    bundle, prompt = str(fp32_bundles["qwen3"]), "def add(a, b):\n    return"
+    base = [sys.executable, "-m", "edgeqwen.cli", "run", bundle, "--raw", "--temperature", "0",
+            "--max-new-tokens", "8", "--threads", "1"]
+    given = subprocess.run(base[:5] + [prompt] + base[5:], capture_output=True, text=True, timeout=120)
+    piped = subprocess.run(base[:5] + ["-"] + base[5:], input=prompt, capture_output=True, text=True, timeout=120)
+    assert given.returncode == piped.returncode == 0, piped.stderr
+    assert piped.stdout == given.stdout and given.stdout.strip()
+    bad = subprocess.run(base[:5] + ["-"] + base[5:], input=b"caf\xe9", capture_output=True, timeout=120)
+    assert bad.returncode == 2 and b"Standard input is not UTF-8 text" in bad.stderr
+    empty = subprocess.run(base[:5] + ["-"] + base[5:], input="  \n", capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "read from standard input is empty" in empty.stderr
+
+
 @pytest.mark.parametrize(("script", "args", "stdin"), [
     ("streaming.py", ["What is a mutex?"], ""),
     ("chat.py", [], "hello\nand then?\nmore\n"),
