@@ -198,6 +198,34 @@ def load_bundle(folder: Path | str, *, verify: bool = True) -> Manifest:
     return manifest
 
 
+def work_dir(parent: Path | str | None, prefix: str) -> Path:
+    """A fresh temporary folder ``{prefix}{pid}-XXXX`` in ``parent`` (default: the system's temp folder).
+
+    Ctrl-C and SIGTERM unwind and remove their folders; a process killed outright (the OOM killer while a
+    1.5B exports on a small board, SIGKILL) cannot. So the pid goes into the name, and earlier folders
+    whose process no longer exists are removed first: a failed export does not leave gigabytes behind for
+    good.
+    """
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    for old in parent.glob(f"{prefix}*-*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it on Windows: never clean up there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: alive
+        return True
+    return True
+
+
 class AtomicFolder:
     """Write a folder under a temporary name beside its target and rename it into place only at the end.
 
@@ -229,7 +257,7 @@ class AtomicFolder:
     def __enter__(self) -> Path:
         self.check_target()
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        self.tmp = work_dir(self.target.parent, f".{self.target.name}.partial-")
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -276,6 +276,32 @@ def test_a_file_the_runtime_reads_must_be_listed(fp32_bundles, bundle_copy) -> N
     assert "remove the file(s), or re-export" in str(info.value)
 
 
+def test_work_dirs_of_killed_processes_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """An export killed outright (OOM, SIGKILL) cannot clean up; the next one removes what it left."""
+    import subprocess
+    import sys
+
+    from edgeqwen.bundle import work_dir
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    orphan = tmp_path / f".bundle.partial-{dead_pid}-abc123"
+    (orphan / "sub").mkdir(parents=True)
+    (orphan / "sub" / "model.onnx.data").write_bytes(b"x" * 1000)
+    live = tmp_path / f".bundle.partial-{os.getpid()}-def456"  # this process: still running
+    live.mkdir()
+    unrelated = tmp_path / ".bundle.partial-notapid"
+    unrelated.mkdir()
+    other_prefix = tmp_path / f".other.partial-{dead_pid}-x"
+    other_prefix.mkdir()
+    made = work_dir(tmp_path, ".bundle.partial-")
+    assert made.name.startswith(f".bundle.partial-{os.getpid()}-") and made.is_dir()
+    assert not orphan.exists()
+    assert live.is_dir() and unrelated.is_dir() and other_prefix.is_dir()
+    with AtomicFolder(tmp_path / "bundle") as tmp:  # the export's own staging folder goes through it too
+        assert tmp.name.startswith(f".bundle.partial-{os.getpid()}-")
+
+
 def test_atomic_folder_refuses_a_mount_point(tmp_path: Path, monkeypatch) -> None:
     target = tmp_path / "sdcard"
     target.mkdir()

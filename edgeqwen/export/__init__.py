@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import __version__
-from ..bundle import FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, ModelSpec, write_manifest
+from ..bundle import FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, ModelSpec, work_dir, write_manifest
 from ..errors import ExportError, VerificationError
 from ..profiles import BLOCK_SIZES, MEASURED, Profile, check_memory_budget, kv_cache_bytes, load_profile
 
@@ -230,7 +229,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
         if profile.backend == "fast" and profile.precision in ("int4", "int8"):
             check_block_size(profile.block_size, src.config)
 
-    work = Path(tempfile.mkdtemp(prefix="edgeqwen-graph-"))
+    work = work_dir(None, "edgeqwen-graph-")
     try:
         portable = profile.backend == "portable"
         if portable:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..bundle import sha256_file
+from ..bundle import sha256_file, work_dir
 from ..catalog import CATALOG, DEFAULT_ALIAS, ModelEntry, edgeqwen_home, get_model, list_models
 from ..errors import FetchError, SourceError, UnsupportedModelError
 
@@ -460,7 +460,7 @@ def _convert(gguf_path: Path, sha256: str, entry: ModelEntry | None, *, progress
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{sha256[:16]}-", dir=final.parent))
+    tmp = work_dir(final.parent, f".tmp-{sha256[:16]}-")
     try:
         if progress:
             print(f"Converting {gguf_path.name} to a float HF folder (once; ~35 s per 0.5B)...",
