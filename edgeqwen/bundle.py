@@ -28,6 +28,11 @@ FORMAT = "edgeqwen-bundle"
 FORMAT_VERSION = 1
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+    """An int (not a bool, which Python counts as one) of at least ``minimum``: sizes, counts, versions."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 @dataclass
 class ModelSpec:
     """Shape facts of the graph that the decode loop needs."""
@@ -138,8 +143,8 @@ def read_manifest(folder: Path | str) -> Manifest:
         what = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise BundleError(f"{path} is not an edgeqwen manifest (format={what!r}).", "re-export the bundle.")
     version = data.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise BundleError(f"{path} has format_version={version!r}, not an integer.", "re-export the bundle.")
+    if not is_count(version, 0):
+        raise BundleError(f"{path} has format_version={version!r}, not an integer >= 0.", "re-export the bundle.")
     _check_file_table(path, data.get("files"))
     if version > FORMAT_VERSION:
         raise BundleError(
@@ -162,7 +167,7 @@ def _check_file_table(path: Path, files: Any) -> None:
         raise BundleError(f"{path} has no file table ('files' is {type(files).__name__}).", fix)
     for name, info in files.items():
         if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
-                and isinstance(info.get("size"), int) and not isinstance(info.get("size"), bool)):
+                and is_count(info.get("size"), 0)):
             raise BundleError(f"{path}: the entry for {name!r} needs a sha256 string and a size, got {info!r:.100}.",
                               fix)
     missing = [n for n in REQUIRED_FILES if n not in files]

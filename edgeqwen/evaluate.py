@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .bundle import is_count
 from .errors import GenerationError
 
 
@@ -131,8 +132,6 @@ class PerplexityResult:
 def perplexity(model, text: str, *, context: int | None = None, stride: int | None = None, reference=None,
                max_tokens: int | None = None, progress: Callable[[Iterable], Iterable] = lambda it: it
                ) -> PerplexityResult:
-    from .runtime.session import is_count
-
     if max_tokens is not None and not is_count(max_tokens, 2):
         raise GenerationError(f"max_tokens must be an integer of at least 2 (tokens to score), got {max_tokens!r}.",
                               "pass e.g. --max-tokens 512, or leave it out to score the whole text.")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import __version__
-from ..bundle import FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, ModelSpec, work_dir, write_manifest
+from ..bundle import (FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, ModelSpec, is_count, work_dir,
+                      write_manifest)
 from ..errors import ExportError, VerificationError
 from ..profiles import BLOCK_SIZES, MEASURED, Profile, check_memory_budget, kv_cache_bytes, load_profile
 
@@ -186,7 +187,6 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
     precision (4: int8 activations, fast; 0: float activations, exact arithmetic, slower; ``halves.py``),
     ``accuracy_levels`` that level per layer type (``{"down_proj": 0}`` or ``"down_proj=0"``; profiles.LAYER_TYPES)."""
     from .graph import LOGITS_WINDOW, adjust_genai_config, build_fast_graph, build_portable_graph, write_genai_graph
-    from ..runtime.session import is_count
     from .sources import resolve_source
 
     profile = resolve_profile(device, precision=precision, quant_algo=quant_algo, block_size=block_size,

@@ -15,13 +15,13 @@ from typing import Any, Iterator, Sequence
 
 from tokenizers import Tokenizer
 
-from ..bundle import Manifest, load_bundle
+from ..bundle import Manifest, is_count, load_bundle
 from ..errors import BundleError, ContextOverflowError, GenerationError
 from .chat import ChatTemplate, Reply, ToolCall, parse_reply
 from .generate import DEFAULT_PREFILL_CHUNK, Engine, Stats, StopRule, generate
 from .lookup import DEFAULT_MAX_DRAFT
 from .sampling import Sampler, SamplingParams
-from .session import choose_provider, create_session, is_count, release_weight_pages
+from .session import choose_provider, create_session, release_weight_pages
 from .text import IncrementalDetokenizer, StopMatcher
 
 __all__ = ["load", "Model", "Conversation", "Result", "SamplingParams", "ToolCall"]

@@ -12,10 +12,10 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import onnxruntime as ort
 
+from ..bundle import is_count
 from ..errors import GenerationError, ProviderError
 from ..hostinfo import detect_host
 from ..profiles import PROVIDER_NAMES, PROVIDER_PACKAGES
@@ -66,11 +66,6 @@ def choose_provider(requested: str, profile: dict, backend: str) -> str:
                       f"(install {pkg} to use {p}).", RuntimeWarning, stacklevel=3)
         return "cpu"
     return p
-
-
-def is_count(value: Any, minimum: int = 1) -> bool:
-    """An int (not a bool, which Python counts as one) of at least ``minimum``: the runtime's size arguments."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def default_threads(profile: dict) -> int:
