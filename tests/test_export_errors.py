@@ -76,6 +76,24 @@ def test_portable_options_are_checked_before_touching_the_source(tmp_path: Path,
     assert not (tmp_path / "out").exists()
 
 
+def test_a_head_size_the_fast_attention_kernel_cannot_run_is_refused_before_the_graph(
+        tmp_path: Path, qwen2_tied: Path, allow_tiny, no_graph_build) -> None:
+    """GroupQueryAttention wants head sizes in multiples of 16; onnxruntime said so only at the first
+    generation (a ProviderError suggesting a smaller context) after a finished fp32 export."""
+    import shutil
+
+    source = tmp_path / "hd8"
+    shutil.copytree(qwen2_tied, source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(num_attention_heads=8, num_key_value_heads=8, head_dim=8)
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="attention head size is 8; the fast backend's GroupQueryAttention "
+                                          "kernel needs a multiple of 16") as info:
+        export(str(source), "host", tmp_path / "out", precision="fp32", progress=False)
+    assert "--device apple-silicon" in info.value.fix
+    assert not (tmp_path / "out").exists()
+
+
 def _llama_folder(root: Path, qwen_folder: Path) -> Path:
     folder = root / "llama"
     folder.mkdir()

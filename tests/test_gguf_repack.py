@@ -444,3 +444,64 @@ def test_a_gguf_that_does_not_load_whole_is_a_source_error(tmp_path: Path, monke
         resolve_source(str(path), progress=False)
     assert "Hugging Face folder" in info.value.fix
     assert not any((tmp_path / "home").rglob(".tmp-*"))  # the half-converted folder is gone
+
+
+# A GGUF of the whole tiny model, as llama.cpp lays one out: the conversion, the name mapping and the repack
+# together. The real 0.5B (tests/e2e) covers only Qwen2 and its own types; Qwen3 GGUFs (q/k norms, a head size
+# transformers' loader does not read) come through here.
+MIXED_TYPES = {"attn_q": "Q8_0", "attn_k": "Q8_0", "attn_v": "Q8_0", "attn_output": "Q8_0", "ffn_up": "Q4_0",
+               "ffn_gate": "Q4_1", "ffn_down": "Q5_0", "token_embd": "Q8_0", "output": "Q8_0"}
+
+
+@pytest.mark.parametrize("kind", ["qwen2_untied", "qwen3"])
+def test_a_whole_gguf_converts_to_its_own_values_and_exports_exactly(kind: str, tiny_models, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    import gguf
+    import torch
+    from tiny_gguf import write_gguf
+    from transformers import AutoModelForCausalLM
+
+    from edgeqwen import runtime
+    from edgeqwen.bundle import read_manifest
+    from edgeqwen.export import export
+    from edgeqwen.export.sources import gguf_to_hf
+
+    monkeypatch.setenv("EDGEQWEN_ALLOW_ANY_SIZE", "1")
+    monkeypatch.setenv("EDGEQWEN_HOME", str(tmp_path / "home"))
+    path = write_gguf(tiny_models[kind], tmp_path / f"{kind}.gguf", MIXED_TYPES)
+
+    # the float folder holds exactly the GGUF's dequantized values (a Qwen3 used to fail: head size 128 assumed)
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf_to_hf(path, progress=False)), dtype=torch.float32)
+    arch = gguf.MODEL_ARCH.QWEN3 if kind == "qwen3" else gguf.MODEL_ARCH.QWEN2
+    names = gguf.get_tensor_name_map(arch, 2)
+    stored = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
+    state = reference.state_dict()
+    for name, value in state.items():
+        if name == "lm_head.weight" and reference.config.tie_word_embeddings:
+            continue
+        expected = stored[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        np.testing.assert_array_equal(value.numpy(), expected.reshape(value.shape), err_msg=name)
+    assert (kind == "qwen3") == ("model.layers.0.self_attn.q_norm.weight" in state)
+
+    # int8 copies every weight's codes; with float activations it computes what transformers does on that file
+    export(str(path), "host", tmp_path / "int8", precision="int8", progress=False)
+    manifest = read_manifest(tmp_path / "int8")
+    hows = {name: t["how"] for name, t in manifest.quantization["tensors"].items()}
+    # 2 layers x (qkv, o, gate, up, down), lm_head and, when not tied to it, the embedding
+    assert len(hows) == (11 if reference.config.tie_word_embeddings else 12), hows
+    assert all(how.startswith("gguf-exact:") for how in hows.values()), hows
+    assert manifest.verification["agreement"] == 1.0
+    model = runtime.load(tmp_path / "int8", threads=1)
+    prompt = "def add(a, b):\n    return"
+    ours = model.generate(prompt, max_new_tokens=24, temperature=0, stop_token_ids=[]).tokens
+    ids = torch.tensor([model.encode(prompt)])
+    theirs = reference.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, ids.shape[1]:]
+    assert list(ours) == theirs.tolist() and len(ours) == 24
+
+    # int4 ("balanced"): the weights the GGUF holds at 4 bits are its own codes, never re-quantized
+    export(str(path), "host", tmp_path / "int4", precision="int4", progress=False)
+    tensors = read_manifest(tmp_path / "int4").quantization["tensors"]
+    four = {name: t["how"] for name, t in tensors.items() if "up_proj" in name or "gate_proj" in name}
+    assert sorted(four.values()) == ["gguf-exact:Q4_0"] * 2 + ["gguf-exact:Q4_1"] * 2, four
+    assert all(tensors[name]["bits"] == 4 for name in four)

@@ -226,6 +226,8 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
                                  src.config["num_attention_heads"], ctx, 2 if profile.io_dtype == "fp16" else 4)
         weights = estimate_weight_bytes(src.config, profile.precision, _eight_bit(profile, src))
         check_memory_budget(profile, weights, spec_kv, context=ctx)
+        if profile.backend == "fast":
+            check_head_dim(src.config)
         if profile.backend == "fast" and profile.precision in ("int4", "int8"):
             check_block_size(profile.block_size, src.config)
 
@@ -328,6 +330,18 @@ def _float_activations_on_cpu(profile: Profile) -> bool:
     matrix per call. Which weights are split is each one's own level (``halves.split_eight_bit``)."""
     levels = (_accuracy_level(profile), *profile.accuracy_levels.values())
     return profile.backend == "fast" and profile.providers[0] == "cpu" and any(v in (0, 1) for v in levels)
+
+
+def check_head_dim(config: dict) -> None:
+    """The fast graph's GroupQueryAttention needs a head size that is a multiple of 16 (every released Qwen has
+    64 or 128); onnxruntime would only say so at the first generation, after a finished export."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    if head_dim % 16:
+        raise ExportError(f"The model's attention head size is {head_dim}; the fast backend's GroupQueryAttention "
+                          "kernel needs a multiple of 16.",
+                          "use a portable-backend profile (--device apple-silicon, or a profile .toml with "
+                          "backend = \"portable\").")
 
 
 def check_block_size(block: int, config: dict) -> None:

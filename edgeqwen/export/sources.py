@@ -448,17 +448,26 @@ def _finish_folder(folder: Path, tokenizer: Any, entry: ModelEntry | None, meta:
     _write_json(folder / _COMPLETE_MARKER, meta)
 
 
+def _apply_head_dim(config: Any, head_dim: int | None) -> None:
+    """transformers' GGUF loader does not read ``attention.key_length``: a Qwen3 takes its config class's
+    default head size (128) and a Qwen2 hidden/heads, so a checkpoint with another head size fails to load."""
+    implied = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim and head_dim != implied:
+        config.head_dim = head_dim
+
+
 def _convert(gguf_path: Path, sha256: str, entry: ModelEntry | None, *, progress: bool) -> Path:
     final = _hf_cache_dir(sha256)
     if _is_complete(final):
         return final
-    check_supported(gguf_config(gguf_path))
+    meta_config = gguf_config(gguf_path)
+    check_supported(meta_config)
     final.parent.mkdir(parents=True, exist_ok=True)
     _check_free_space(final.parent, gguf_path.stat().st_size * 8)  # float32 of ~4.5-bit weights
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tmp = work_dir(final.parent, f".tmp-{sha256[:16]}-")
     try:
@@ -470,8 +479,11 @@ def _convert(gguf_path: Path, sha256: str, entry: ModelEntry | None, *, progress
         if not progress:
             transformers.utils.logging.disable_progress_bar()
         try:
+            config = AutoConfig.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            _apply_head_dim(config, meta_config.get("head_dim"))
             model, loading = AutoModelForCausalLM.from_pretrained(
-                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, output_loading_info=True
+                str(gguf_path.parent), gguf_file=gguf_path.name, config=config, dtype=torch.float32,
+                output_loading_info=True
             )
             # transformers fills weights the file lacks with random values and only logs it: an export of that
             # would verify against the same broken float model and pass
