@@ -86,6 +86,37 @@ def test_graph_io_matches_the_manifest_and_logits_cover_a_window_of_last_positio
     np.testing.assert_allclose(rows[8][:, :5], rows[5], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["qwen2_untied", "qwen3"])
+def test_the_last_layer_after_its_attention_runs_on_the_window_rows_only(fp32_bundles, kind: str) -> None:
+    """Its o_proj and MLP feed only the logits; earlier layers (and every layer's K/V) see every position."""
+    bundle = fp32_bundles[kind]
+    manifest = read_manifest(bundle)
+    io, spec = manifest.io, manifest.spec
+    model = graph_of(bundle, external=True)
+    last, first = (f"/model/layers.{i}/mlp/down_proj/MatMul/output_0" for i in (LAYERS - 1, 0))
+    produced = {o for n in model.graph.node for o in n.output}
+    assert {last, first} <= produced
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in (last, first))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    empty = np.zeros((1, spec.kv_heads, 0, spec.head_dim), np.float32)
+    for n, rows in ((5, 5), (12, 1)):
+        ids = np.arange(1, n + 1, dtype=np.int64)[None] % spec.vocab_size
+        feeds = {io.input_ids: ids, io.attention_mask: np.ones((1, n), np.int64)}
+        feeds |= {name % i: empty for i in range(spec.num_layers) for name in (io.past_key, io.past_value)}
+        result = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        assert result[last].shape[1] == rows and result[first].shape[1] == n
+        assert result[io.present_key % (LAYERS - 1)].shape[2] == n  # the last layer still caches every position
+    # and its one row is the untrimmed graph's: the last position's logits of a 12-token run, computed as the
+    # 12th row of a run that keeps every row (a 12-token window)
+    wide = graph_of(bundle, external=True)
+    limit = next(t for t in wide.graph.initializer if t.name == "edgeqwen.logits_window.limit")
+    limit.CopyFrom(numpy_helper.from_array(np.array([12], np.int64), limit.name))
+    full = ort.InferenceSession(wide.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = dict(zip([o.name for o in full.get_outputs()], full.run(None, feeds)))[io.logits]
+    assert logits.shape[1] == 12
+    np.testing.assert_allclose(result[io.logits][:, -1], logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_packed_weights_and_biases_are_the_source_weights(fp32_bundles, qwen2_untied) -> None:
     """The builder's packed qkv (weights transposed to [K, N], bias concatenated) is the HF model's q/k/v."""
     model = graph_of(fp32_bundles["qwen2_untied"], external=True)
