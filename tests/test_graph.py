@@ -174,3 +174,26 @@ def test_adjust_genai_config_for_a_gpu_provider_and_automatic_threads(tmp_path: 
     adjust_genai_config(path, context=512, generation={}, provider="cuda", threads=0)
     opts = json.loads(path.read_text())["model"]["decoder"]["session_options"]
     assert opts == {"log_id": "x", "provider_options": [{"cuda": {}}]}
+
+
+def test_the_rotary_tables_keep_the_bundles_context_and_the_last_position_still_matches(
+        tmp_path: Path, qwen2_untied: Path, allow_tiny) -> None:
+    """cos/sin are cut to the bundle's context (the 0.5B's 32,768 rows were 7 MiB of a 4,096-token bundle);
+    a run that reaches the last position of that context still gives transformers' tokens."""
+    from test_generate import hf_greedy
+    from transformers import AutoModelForCausalLM
+
+    from edgeqwen import runtime
+    from edgeqwen.export import export
+
+    export(str(qwen2_untied), "host", tmp_path / "b", precision="fp32", context=256, verify=False, progress=False)
+    tables = {t.name: list(t.dims) for t in graph_of(tmp_path / "b").graph.initializer if t.name.endswith("_cache")}
+    assert tables == {"cos_cache": [256, 8], "sin_cache": [256, 8]}  # of 512; head size 16: 8 frequencies
+    model = runtime.load(tmp_path / "b", threads=1)
+    text = " ".join(["the quick model runs on a small board with int4 weights"] * 12)
+    prompt = model.encode(text)
+    assert 100 < len(prompt) < 200
+    ours = model.generate(text, max_new_tokens=256 - len(prompt), stop_token_ids=[])
+    assert len(prompt) + len(ours.tokens) == 256  # filled to the last position the tables hold
+    reference = AutoModelForCausalLM.from_pretrained(str(qwen2_untied)).eval()
+    assert list(ours.tokens) == hf_greedy(reference, prompt, len(ours.tokens))

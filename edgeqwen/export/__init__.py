@@ -245,7 +245,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
             how = "weight-only, per channel" if portable else f"{profile.quant_algo}, block {profile.block_size}"
             with stages.stage("quantize", f"Quantizing to {profile.precision} ({how})"):
                 quant = (_quantize_portable(build.folder, tmp, profile, src, stages) if portable else
-                         _quantize(build.folder, tmp, profile, src, stages, threads=threads))
+                         _quantize(build.folder, tmp, profile, src, stages, threads=threads, context=ctx))
             _copy_tokenizer_files(src.hf_dir, tmp)
             generation = json.loads((tmp / "generation_config.json").read_text()) if (
                 tmp / "generation_config.json").is_file() else {}
@@ -362,7 +362,8 @@ def check_block_size(block: int, config: dict) -> None:
                           if fits else "use the portable backend (per-channel int8) for this model.")
 
 
-def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages, *, threads: int | None = None) -> dict:
+def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages, *, threads: int | None = None,
+              context: int | None = None) -> dict:
     import onnx
 
     from .quantize import (
@@ -376,6 +377,10 @@ def _quantize(work: Path, dest: Path, profile: Profile, src, stages: _Stages, *,
 
     model = onnx.load(str(work / "model.onnx"), load_external_data=False)
     weights = ExternalWeights(model, work)
+    if context:
+        from .graph import fit_rotary_cache
+
+        fit_rotary_cache(model, weights, context)
     if profile.precision in ("fp32", "fp16"):
         weights.materialize_rest(model)
         save_with_external_data(model, dest)

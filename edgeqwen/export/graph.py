@@ -322,6 +322,28 @@ def trim_last_layer(model) -> bool:
     return True
 
 
+ROTARY_CACHES = ("cos_cache", "sin_cache")
+
+
+def fit_rotary_cache(model, weights, context: int) -> int:
+    """Keep the rotary tables' first ``context`` rows; returns the bytes saved.
+
+    The builder writes cos/sin for the model's whole range (32,768 positions: 8 MiB on the 0.5B, 16 MiB on
+    the 1.5B) while a bundle never runs past its own context (``load`` refuses a larger one, and
+    onnxruntime-genai's ``max_length`` is set to it). GroupQueryAttention reads the row of each position.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    saved = 0
+    for t in model.graph.initializer:
+        if t.name in ROTARY_CACHES and len(t.dims) == 2 and t.dims[0] > context:
+            table = weights.array(t.name)
+            saved += table.nbytes - table[:context].nbytes
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(table[:context]), t.name))
+    return saved
+
+
 def _declare_logits_rows(model, rows: int | str) -> None:
     """Set the declared length of the ``logits`` output: a number, or a symbolic name."""
     for out in model.graph.output:
