@@ -60,6 +60,25 @@ def test_top_k_keeps_the_k_best_and_boundary_ties(k, expected):
     assert np.array_equal(row, [1.0, 5.0, 3.0, 5.0, 2.0])  # input not modified
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_on_a_vocabulary_sized_row_equals_a_full_sort(seed):
+    """Rows as wide as Qwen's vocabulary take the chunked bound; the set must be a full sort's, ties included."""
+    rng = np.random.default_rng(seed)
+    row = random_row(rng, 151_936)
+    if seed == 5:  # the best entries packed into one chunk: the bound is far below the k-th largest
+        row[1000:1100] = 50.0 + np.arange(100, dtype=np.float32) % 7
+    for k in (1, 20, 50, 100):
+        kth = np.sort(row)[::-1][k - 1]
+        assert kept(top_k_filter(row, k)) == set(np.flatnonzero(row >= kth).tolist()), k
+
+
+def test_top_k_with_nan_in_the_row_falls_back_to_the_whole_row():
+    row = np.random.default_rng(0).normal(size=151_936).astype(np.float32)
+    row[::512] = np.nan  # every chunk's maximum is NaN, so the bound keeps nothing
+    kth = np.partition(row, row.size - 20)[row.size - 20]
+    assert kept(top_k_filter(row, 20)) == set(np.flatnonzero(row >= kth).tolist())
+
+
 # --------------------------------------------------------------------------------------------------
 # top-p
 # --------------------------------------------------------------------------------------------------

@@ -171,11 +171,29 @@ def apply_presence_frequency(
     return out
 
 
+_TOP_K_CHUNK = 512  # _keep_top_k: the vocabulary is cut into chunks this wide for a first, cheap bound
+
+
 def _keep_top_k(row: np.ndarray, k: int) -> np.ndarray | None:
-    """Indices whose logit is >= the k-th largest (ties at the boundary all kept, as in HF); None = all."""
+    """Indices whose logit is >= the k-th largest (ties at the boundary all kept, as in HF); None = all.
+
+    A partition of the whole 151,936-entry row took ~1 ms a token, 5-7% of a decode step on the 0.5B. The
+    k-th largest of the chunks' maxima is a lower bound of the row's k-th largest (those k maxima are k
+    entries at least that large), so every entry of the answer is among the few that reach the bound, and
+    the k-th largest is found there (~0.07 ms). Same set, same order.
+    """
     n = row.shape[0]
     if k <= 0 or k >= n:
         return None
+    chunks = n // _TOP_K_CHUNK
+    if chunks >= 4 * k:
+        maxima = row[: chunks * _TOP_K_CHUNK].reshape(chunks, _TOP_K_CHUNK).max(axis=1)
+        bound = np.partition(maxima, chunks - k)[chunks - k]
+        near = np.flatnonzero(row >= bound)
+        if len(near) >= k:  # fewer only when the row holds NaN; then the whole row decides
+            values = row[near]
+            kth = np.partition(values, len(near) - k)[len(near) - k]
+            return near[values >= kth]
     kth = np.partition(row, n - k)[n - k]
     return np.flatnonzero(row >= kth)
 
