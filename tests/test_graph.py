@@ -180,11 +180,12 @@ def test_the_rotary_tables_keep_the_bundles_context_and_the_last_position_still_
         tmp_path: Path, qwen2_untied: Path, allow_tiny) -> None:
     """cos/sin are cut to the bundle's context (the 0.5B's 32,768 rows were 7 MiB of a 4,096-token bundle);
     a run that reaches the last position of that context still gives transformers' tokens."""
-    from test_generate import hf_greedy
+    from test_generate import hf_greedy, hf_logits
     from transformers import AutoModelForCausalLM
 
     from edgeqwen import runtime
     from edgeqwen.export import export
+    from edgeqwen.runtime.generate import decode_one
 
     export(str(qwen2_untied), "host", tmp_path / "b", precision="fp32", context=256, verify=False, progress=False)
     tables = {t.name: list(t.dims) for t in graph_of(tmp_path / "b").graph.initializer if t.name.endswith("_cache")}
@@ -194,6 +195,11 @@ def test_the_rotary_tables_keep_the_bundles_context_and_the_last_position_still_
     prompt = model.encode(text)
     assert 100 < len(prompt) < 200
     ours = model.generate(text, max_new_tokens=256 - len(prompt), stop_token_ids=[])
-    assert len(prompt) + len(ours.tokens) == 256  # filled to the last position the tables hold
+    assert len(prompt) + len(ours.tokens) == 256  # every position the tables hold ...
     reference = AutoModelForCausalLM.from_pretrained(str(qwen2_untied)).eval()
     assert list(ours.tokens) == hf_greedy(reference, prompt, len(ours.tokens))
+    # ... and the last one run too: generate() never feeds back its final token, so run it here (position 255)
+    last = decode_one(model.engine, ours.tokens[-1])
+    assert model.engine.cache.length == 256
+    expected = hf_logits(reference, [*prompt, *ours.tokens])[-1]
+    np.testing.assert_allclose(last, expected, rtol=1e-3, atol=1e-3)

@@ -60,23 +60,38 @@ def test_top_k_keeps_the_k_best_and_boundary_ties(k, expected):
     assert np.array_equal(row, [1.0, 5.0, 3.0, 5.0, 2.0])  # input not modified
 
 
-@pytest.mark.parametrize("seed", range(6))
+def full_partition_top_k(row: np.ndarray, k: int) -> set[int]:
+    """The plain definition: entries >= the k-th largest as np.partition ranks them (NaN above every number)."""
+    kth = np.partition(row, row.size - k)[row.size - k]
+    return set(np.flatnonzero(row >= kth).tolist())
+
+
+@pytest.mark.parametrize("seed", range(7))
 def test_top_k_on_a_vocabulary_sized_row_equals_a_full_sort(seed):
     """Rows as wide as Qwen's vocabulary take the chunked bound; the set must be a full sort's, ties included."""
     rng = np.random.default_rng(seed)
     row = random_row(rng, 151_936)
     if seed == 5:  # the best entries packed into one chunk: the bound is far below the k-th largest
         row[1000:1100] = 50.0 + np.arange(100, dtype=np.float32) % 7
-    for k in (1, 20, 50, 100):
+    if seed == 6:  # the best entries in the 384-entry tail past the last whole 512-wide chunk
+        row[-300:] = 60.0 + np.arange(300, dtype=np.float32) % 11
+    for k in (1, 20, 50, 74):  # 74: the largest k the bound serves (296 chunks >= 4k)
         kth = np.sort(row)[::-1][k - 1]
         assert kept(top_k_filter(row, k)) == set(np.flatnonzero(row >= kth).tolist()), k
 
 
-def test_top_k_with_nan_in_the_row_falls_back_to_the_whole_row():
+@pytest.mark.parametrize("where", [7, 151_935, None])
+def test_top_k_with_nan_in_the_row_ranks_it_as_the_full_partition_does(where):
     row = np.random.default_rng(0).normal(size=151_936).astype(np.float32)
-    row[::512] = np.nan  # every chunk's maximum is NaN, so the bound keeps nothing
-    kth = np.partition(row, row.size - 20)[row.size - 20]
-    assert kept(top_k_filter(row, 20)) == set(np.flatnonzero(row >= kth).tolist())
+    if where is None:
+        row[::512] = np.nan  # a NaN in every chunk
+    else:
+        row[where] = np.nan  # one, in a chunk or in the tail
+    for k in (1, 20):
+        out = top_k_filter(row, k)  # NaN takes one of the k places and is itself dropped, as in a full partition
+        assert set(np.flatnonzero(~np.isneginf(out)).tolist()) == full_partition_top_k(row, k)
+    if where is not None:  # the case the chunk bound got wrong: it skipped the NaN and kept 20
+        assert len(full_partition_top_k(row, 20)) == 19
 
 
 # --------------------------------------------------------------------------------------------------

@@ -187,13 +187,14 @@ def _keep_top_k(row: np.ndarray, k: int) -> np.ndarray | None:
         return None
     chunks = n // _TOP_K_CHUNK
     if chunks >= 4 * k:
-        maxima = row[: chunks * _TOP_K_CHUNK].reshape(chunks, _TOP_K_CHUNK).max(axis=1)
-        bound = np.partition(maxima, chunks - k)[chunks - k]
-        near = np.flatnonzero(row >= bound)
-        if len(near) >= k:  # fewer only when the row holds NaN; then the whole row decides
+        maxima = row[: chunks * _TOP_K_CHUNK].reshape(chunks, _TOP_K_CHUNK).max(axis=1)  # NaN if a chunk has one
+        if not (np.isnan(maxima).any() or np.isnan(row[chunks * _TOP_K_CHUNK :]).any()):
+            bound = np.partition(maxima, chunks - k)[chunks - k]
+            near = np.flatnonzero(row >= bound)  # the tail past the last whole chunk is compared too
             values = row[near]
             kth = np.partition(values, len(near) - k)[len(near) - k]
             return near[values >= kth]
+    # small rows, large k, or NaN (which np.partition ranks above every number, so each NaN takes a place)
     kth = np.partition(row, n - k)[n - k]
     return np.flatnonzero(row >= kth)
 
