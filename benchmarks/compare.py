@@ -11,6 +11,8 @@ The first edgeqwen row decodes one token per step (``lookup=0``): the loop again
 "+ lookup" row is the runtime's default, prompt lookup (``runtime/lookup.py``), whose gain depends on how
 much the answer repeats earlier text: little on the default licence continuation, much on a code edit
 (``--text benchmarks/code_edit_prompt.txt --new-tokens 100``: a chat prompt asking to edit a function).
+``--sampled`` adds two rows that sample as the runtime does by default (the bundle's generation config:
+temperature, top-k, top-p, repetition penalty; fixed seed), ours and genai's default build, one token a step.
 
 Systems: edgeqwen (our bundle, our runtime), onnxruntime-genai running *our* bundle (through its
 genai_config.json), onnxruntime-genai on its own builder's default int4 output from the same source (with
@@ -49,8 +51,9 @@ def hwm():
     except OSError: return 0.0
 kind, folder, n_prompt, n_new, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 text = open(sys.argv[6]).read()
+sampling = json.loads(sys.argv[7])  # the "-sampled" kinds: temperature, top_k, top_p, repetition_penalty
 t0 = time.perf_counter()
-if kind in ("edgeqwen", "edgeqwen-lookup"):
+if kind in ("edgeqwen", "edgeqwen-lookup", "edgeqwen-sampled"):
     from edgeqwen import runtime
     from edgeqwen.runtime.lookup import DEFAULT_MAX_DRAFT
     from edgeqwen.runtime.generate import Stats, StopRule, generate
@@ -60,7 +63,8 @@ if kind in ("edgeqwen", "edgeqwen-lookup"):
     ids = m.encode(text)[:n_prompt]
     st = Stats()
     lookup = min(DEFAULT_MAX_DRAFT, m.max_lookup) if kind == "edgeqwen-lookup" else 0
-    list(generate(m.engine, ids, Sampler(SamplingParams()), StopRule(n_new, frozenset()), st, lookup=lookup))
+    params = SamplingParams(**sampling, seed=0) if kind == "edgeqwen-sampled" else SamplingParams()
+    list(generate(m.engine, ids, Sampler(params), StopRule(n_new, frozenset()), st, lookup=lookup))
     out = {"load_s": load, "ttft_s": st.ttft_s, "decode_tps": st.decode_tps, "prefill_tps": st.prefill_tps}
     if kind == "edgeqwen-lookup":  # 0 drafted on bundles exported before the logits window (max_lookup 0)
         out["lookup_accepted"] = st.accepted_tokens / max(st.drafted_tokens, 1)
@@ -113,6 +117,9 @@ else:
     p = og.GeneratorParams(m)
     if kind == "genai-maxlen":  # what a caller gets without max_length: the KV cache sized for the whole context
         p.set_search_options(do_sample=False)
+    elif kind == "genai-sampled":  # min_length: no early end of text, so both sampled rows decode n_new tokens
+        p.set_search_options(max_length=n_prompt + n_new + 8, min_length=n_prompt + n_new, do_sample=True,
+                             random_seed=0, **sampling)
     else:
         p.set_search_options(max_length=n_prompt + n_new + 8, do_sample=False)
     g = og.Generator(m, p)
@@ -163,7 +170,7 @@ def run_once(kind: str, folder: Path, args, text_file: Path) -> dict:
 
         env["PYTHONPATH"] = os.pathsep.join([str(optimum_tool_dir(progress=False)), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", WORKER, kind, str(folder), str(args.prompt_tokens),
-                          str(args.new_tokens), str(args.threads), str(text_file)],
+                          str(args.new_tokens), str(args.threads), str(text_file), json.dumps(getattr(args, "sampling", {}))],
                          capture_output=True, text=True, env=env)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -265,8 +272,13 @@ def main() -> int:
     ap.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: the source GGUF of the default model)")
     ap.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum"],
                     help="leave a peer out (it still gets a row)")
+    ap.add_argument("--sampled", action="store_true",
+                    help="add rows that sample as the runtime does by default (our bundle's generation config: "
+                         "temperature, top-k, top-p, repetition penalty), for us and genai's default, one token "
+                         "per step")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 1 run, short prompt (CI smoke run)")
     args = ap.parse_args()
+    args.sampling = {}
     sys.path.insert(0, str(HERE))
 
     from edgeqwen.catalog import DEFAULT_ALIAS
@@ -306,6 +318,13 @@ def main() -> int:
     # the same bundle with prompt lookup (runtime/lookup.py, on by default in the runtime): greedy, so the
     # same text up to kernel rounding, with drafted tokens checked in one run
     systems.insert(1, (f"edgeqwen {ours[0].name} + lookup", "edgeqwen-lookup", ours[0]))
+    if args.sampled:
+        generation = json.loads((ours[0] / "generation_config.json").read_text())
+        # Qwen's published settings where the bundle has none (the tests' tiny model)
+        args.sampling = {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
+        args.sampling |= {k: generation[k] for k in args.sampling if k in generation}
+        systems.insert(2, (f"edgeqwen {ours[0].name}, sampled", "edgeqwen-sampled", ours[0]))
+        systems.append(("genai default int4, sampled", "genai-sampled", genai_dir))
     systems += [(f"genai on {ours[0].name}", "genai", ours[0]), ("genai default int4", "genai", genai_dir),
                 # the same build with its default max_length (the model's context): the goals compare against
                 # the row above (max_length = prompt + answer, its best case); this row is what callers get

@@ -43,7 +43,7 @@ def test_export_bench_quick(tiny_models):
 
 
 def test_compare_quick(tiny_models):
-    report = run_script("compare.py", "--quick", "--threads", "1")
+    report = run_script("compare.py", "--quick", "--threads", "1", "--sampled")
     rows = {r["system"]: r for r in report["results"]}
     assert report["machine"]["read_bandwidth_gbs"] > 0.1
     measured = [r for r in rows.values() if "error" not in r]
@@ -61,6 +61,10 @@ def test_compare_quick(tiny_models):
         else:
             assert 0 < r["fraction_of_bandwidth"] and r["weight_mb_per_token"] > 0
     assert sum(r["system"].endswith("+ lookup") for r in measured) == 1
+    sampled = [r for r in measured if r["system"].endswith(", sampled")]  # ours and genai's, both measured
+    assert len(sampled) == 2 and {r["system"].split()[0] for r in sampled} == {"edgeqwen", "genai"}
+    assert report["settings"]["sampling"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8,
+                                              "repetition_penalty": 1.05}
     assert "optimum ORTModelForCausalLM fp32" in {r["system"] for r in measured}
 
 
