@@ -22,6 +22,7 @@ from ..bundle import (FORMAT, FORMAT_VERSION, AtomicFolder, GraphIO, Manifest, M
                       write_manifest)
 from ..errors import ExportError, VerificationError
 from ..profiles import BLOCK_SIZES, MEASURED, Profile, check_memory_budget, kv_cache_bytes, load_profile
+from .sources import config_head_dim
 
 __all__ = ["export", "ExportResult"]
 
@@ -105,7 +106,7 @@ def _tool_versions() -> dict[str, str]:
 
 def model_spec(config: dict, context: int, generation: dict) -> ModelSpec:
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    head_dim = config_head_dim(config)
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
     return ModelSpec(arch=config["model_type"], num_layers=config["num_hidden_layers"], num_heads=heads,
@@ -222,8 +223,7 @@ def export(model: str, device: str | Profile = "host", out: str | Path = "bundle
         src = resolve_source(model, progress=progress)
         ctx = min(profile.context, src.config.get("max_position_embeddings", profile.context))
         spec_kv = kv_cache_bytes(src.config["num_hidden_layers"], src.config.get("num_key_value_heads", 1),
-                                 src.config.get("head_dim") or src.config["hidden_size"] //
-                                 src.config["num_attention_heads"], ctx, 2 if profile.io_dtype == "fp16" else 4)
+                                 config_head_dim(src.config), ctx, 2 if profile.io_dtype == "fp16" else 4)
         weights = estimate_weight_bytes(src.config, profile.precision, _eight_bit(profile, src))
         check_memory_budget(profile, weights, spec_kv, context=ctx)
         if profile.backend == "fast":
@@ -335,8 +335,7 @@ def _float_activations_on_cpu(profile: Profile) -> bool:
 def check_head_dim(config: dict) -> None:
     """The fast graph's GroupQueryAttention needs a head size that is a multiple of 16 (every released Qwen has
     64 or 128); onnxruntime would only say so at the first generation, after a finished export."""
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    head_dim = config_head_dim(config)
     if head_dim % 16:
         raise ExportError(f"The model's attention head size is {head_dim}; the fast backend's GroupQueryAttention "
                           "kernel needs a multiple of 16.",
@@ -352,7 +351,7 @@ def check_block_size(block: int, config: dict) -> None:
     """
     heads = config["num_attention_heads"]
     widths = {"hidden size": config["hidden_size"], "intermediate size": config["intermediate_size"],
-              "attention width": heads * (config.get("head_dim") or config["hidden_size"] // heads)}
+              "attention width": heads * config_head_dim(config)}
     bad = {k: v for k, v in widths.items() if v % block}
     if bad:
         fits = [b for b in BLOCK_SIZES if all(v % b == 0 for v in widths.values())]

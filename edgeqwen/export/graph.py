@@ -325,8 +325,8 @@ def trim_last_layer(model) -> bool:
 ROTARY_CACHES = ("cos_cache", "sin_cache")
 
 
-def fit_rotary_cache(model, weights, context: int) -> int:
-    """Keep the rotary tables' first ``context`` rows; returns the bytes saved.
+def fit_rotary_cache(model, weights, context: int) -> None:
+    """Keep the rotary tables' first ``context`` rows.
 
     The builder writes cos/sin for the model's whole range (32,768 positions: 8 MiB on the 0.5B, 16 MiB on
     the 1.5B) while a bundle never runs past its own context (``load`` refuses a larger one, and
@@ -335,13 +335,9 @@ def fit_rotary_cache(model, weights, context: int) -> int:
     import numpy as np
     from onnx import numpy_helper
 
-    saved = 0
     for t in model.graph.initializer:
         if t.name in ROTARY_CACHES and len(t.dims) == 2 and t.dims[0] > context:
-            table = weights.array(t.name)
-            saved += table.nbytes - table[:context].nbytes
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(table[:context]), t.name))
-    return saved
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weights.array(t.name)[:context]), t.name))
 
 
 def _declare_logits_rows(model, rows: int | str) -> None:

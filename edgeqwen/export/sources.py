@@ -448,6 +448,11 @@ def _finish_folder(folder: Path, tokenizer: Any, entry: ModelEntry | None, meta:
     _write_json(folder / _COMPLETE_MARKER, meta)
 
 
+def config_head_dim(config: dict) -> int:
+    """A config.json's attention head size: Qwen3 states it (128, wider than hidden/heads on the 0.6B), Qwen2 implies it."""
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
 def _apply_head_dim(config: Any, head_dim: int | None) -> None:
     """transformers' GGUF loader does not read ``attention.key_length``: a Qwen3 takes its config class's
     default head size (128) and a Qwen2 hidden/heads, so a checkpoint with another head size fails to load."""
@@ -570,7 +575,7 @@ def estimate_parameters(config: dict) -> int:
             "use the model's original config.json.",
         ) from exc
     kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
+    head_dim = config_head_dim(config)
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
     attention = hidden * q_dim + 2 * hidden * kv_dim + q_dim * hidden
     if config.get("model_type") == "qwen3":
