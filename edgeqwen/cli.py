@@ -376,7 +376,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
 
 
-def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+def _add_session_args(p: argparse.ArgumentParser) -> None:
+    """What ``runtime.load`` takes: shared by run/chat and serve."""
     p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
     p.add_argument("--provider", default="auto",
                    help="auto | cpu | cuda | dml | coreml | webgpu | xnnpack | nnapi | qnn (default: auto, the "
@@ -384,6 +385,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: one per physical core, capped by the profile's threads)")
     p.add_argument("--context", type=int, default=None, help="max context tokens (<= the bundle's)")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    _add_session_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length limit (default 512, or what the context has left when that is less)")
@@ -483,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a bundle (chat/completions, streaming)")
-    p.add_argument("bundle", help="bundle folder written by `edgeqwen export`")
+    _add_session_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None,
@@ -495,12 +500,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the bundle's source)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let queued requests finish before cancelling them")
-    p.add_argument("--provider", default="auto",
-                   help="auto | cpu | cuda | dml | coreml | webgpu | xnnpack | nnapi | qnn (default: auto, the "
-                        "bundle profile's first provider this onnxruntime build has)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads (default: one per physical core, capped by the profile's threads)")
-    p.add_argument("--context", type=int, default=None, help="max context tokens (<= the bundle's)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     p.set_defaults(func=cmd_serve)
 
